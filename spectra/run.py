@@ -1,0 +1,159 @@
+"""Capture per-token attention metrics into a run directory of Parquet files.
+
+    python -m spectra.run                                            # SmolLM2-135M, built-in corpus, CPU
+    python -m spectra.run model=tiny_llama data=synthetic data.context_length=64
+    python -m spectra.run model=llama3_8b hardware=h100 data=slimpajama
+    python -m spectra.run -m data.context_length=256,512 data.n_samples=4,8     # a sweep
+    python -m spectra.run --cfg job                                   # show the composed config
+
+Reads top to bottom: check config -> load model -> load samples -> capture batch by batch -> write -> report.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import spectra
+from spectra.capture import AttentionCapture
+from spectra.config import checked_config, register_configs
+from spectra.data import load_samples
+from spectra.errors import ConfigError, SpectraError
+from spectra.models import describe, load_model
+from spectra.writer import PartWriter, metric_schema, write_json_atomic, write_samples
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+register_configs()
+
+
+def run_directory(cfg: DictConfig) -> Path:
+    if cfg.run.output_dir:
+        return Path(cfg.run.output_dir)
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def versions() -> dict[str, str]:
+    import polars
+    import pyarrow
+    import transformers
+
+    return {
+        "spectra": spectra.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "pyarrow": pyarrow.__version__,
+        "polars": polars.__version__,
+    }
+
+
+def capture(cfg: DictConfig) -> dict:
+    """The whole run; returns what run.json records."""
+    cfg = checked_config(cfg)
+    out = run_directory(cfg)
+    started = time.perf_counter()
+    started_at = datetime.now(timezone.utc).isoformat()
+
+    model, tokenizer = load_model(cfg.model, cfg.hardware)
+    shape = describe(model)
+    if shape["max_position_embeddings"] and cfg.data.context_length > shape["max_position_embeddings"]:
+        raise ConfigError(
+            "data.context_length",
+            f"{cfg.data.context_length} exceeds the model's maximum of {shape['max_position_embeddings']} tokens",
+        )
+    samples = load_samples(cfg.data, tokenizer, model.config.vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    write_samples(out / "samples.parquet", samples)
+
+    names = list(cfg.metrics.names)
+    schema = metric_schema(names, cfg.metrics.storage_dtype)
+    batch_size = cfg.hardware.batch_size
+    tokens_total = len(samples) * cfg.data.context_length
+    capture_started = time.perf_counter()
+    with (
+        AttentionCapture(
+            model,
+            k_eff_threshold=cfg.metrics.k_eff_threshold,
+            attention=cfg.metrics.attention,
+            block_bytes=cfg.hardware.attention_block_mb * 2**20,
+        ) as attention,
+        PartWriter(out / "metrics", schema) as writer,
+        tqdm(total=tokens_total, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True) as progress,
+    ):
+        for first in range(0, len(samples), batch_size):
+            batch = samples[first : first + batch_size]
+            input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(model.device)  # (B, T)
+            metrics = attention.run(input_ids)  # name -> (L, B, H, T), on the model's device
+            # One device-to-host copy per metric per batch; the writer thread builds and writes the rows.
+            writer.put(
+                np.array([s.sample_id for s in batch]),
+                {name: metrics[name].cpu().numpy() for name in names},
+            )
+            progress.update(input_ids.numel())
+    capture_seconds = time.perf_counter() - capture_started
+
+    record = {
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": versions(),
+        "model": shape,
+        "device": str(model.device),
+        "counts": {
+            "samples": len(samples),
+            "tokens": tokens_total,
+            "rows": writer.rows,
+            "expected_rows": len(samples) * shape["layers"] * shape["heads"] * cfg.data.context_length,
+            "part_files": len(writer.files),
+            "metric_bytes": writer.bytes,
+        },
+        "timing": {
+            "started_at": started_at,
+            "wall_seconds": time.perf_counter() - started,
+            "capture_seconds": capture_seconds,
+            "tokens_per_second": tokens_total / capture_seconds,
+            "rows_per_second": writer.rows / capture_seconds,
+        },
+        "output_dir": str(out.resolve()),
+    }
+    write_json_atomic(record, out / "run.json")
+    return record
+
+
+def print_summary(record: dict) -> None:
+    counts, timing, shape = record["counts"], record["timing"], record["model"]
+    print(
+        f"\nSpectra run complete: {record['output_dir']}\n"
+        f"  model      {record['config']['model']['name']} ({shape['layers']} layers x {shape['heads']} heads, "
+        f"{shape['kv_heads']} KV heads, {shape['dtype']} on {record['device']})\n"
+        f"  samples    {counts['samples']} x {record['config']['data']['context_length']} tokens\n"
+        f"  rows       {counts['rows']:,} in {counts['part_files']} part files, "
+        f"{counts['metric_bytes'] / 2**20:.1f} MiB ({counts['metric_bytes'] / max(counts['rows'], 1):.2f} B/row)\n"
+        f"  throughput {timing['tokens_per_second']:,.0f} tokens/s, {timing['rows_per_second']:,.0f} rows/s "
+        f"(capture {timing['capture_seconds']:.1f} s, wall {timing['wall_seconds']:.1f} s)\n"
+        f"  read with  polars.scan_parquet('{record['output_dir']}/metrics/*.parquet')"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        record = capture(cfg)
+    except SpectraError as error:
+        print(f"spectra: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(record)
+
+
+if __name__ == "__main__":
+    main()

