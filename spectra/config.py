@@ -102,7 +102,8 @@ def _require(ok: bool, key: str, message: str) -> None:
 def checked_config(cfg: DictConfig) -> DictConfig:
     """The composed config merged into the schema and checked; raises ConfigError naming the key."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        # Merge a plain container: merging the composed DictConfig lets keys added with `+` through.
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
     except Exception as error:  # omegaconf's errors carry the full key; keep only the first line for people
         key = getattr(error, "full_key", None) or "config"
         raise ConfigError(key, str(error).splitlines()[0]) from None
