@@ -15,6 +15,10 @@ from spectra.run import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
+# No hub here or in CI: fail fast instead of waiting on network time-outs, in-process as in subprocesses.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 def test_env(tmp_path: Path) -> dict[str, str]:
     """Environment for subprocesses: offline, W&B folders inside tmp_path, quiet tokenizers."""

