@@ -38,11 +38,23 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "builtin"  # builtin | synthetic
+    name: str = "builtin"  # builtin | synthetic | slimpajama | shards
     context_length: int = 512  # tokens per sample (non-overlapping windows)
     n_samples: int = 8  # samples captured in this run
     seed: int = 0  # which windows are taken, and the synthetic token ids
     add_bos: bool = False  # put the tokenizer's BOS token first in every window
+    data_dir: Optional[str] = None  # slimpajama | shards: folder of prepared token shards (or prototype .npz)
+    local_path: Optional[str] = None  # slimpajama: SlimPajama-format file, folder or glob instead of the hub
+    hub_id: str = "DKYoon/SlimPajama-6B"  # slimpajama: dataset on the Hugging Face hub
+    split: str = "test"  # slimpajama: hub split
+    sources: list[str] = field(  # slimpajama: meta.redpajama_set_name values kept; empty keeps every source
+        default_factory=lambda: [
+            "RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaWikipedia", "RedPajamaStackExchange",
+        ]
+    )  # fmt: skip
+    min_chars: int = 200  # slimpajama: documents shorter than this (after stripping whitespace) are dropped
+    max_windows_per_doc: int = 20  # slimpajama: at most this many windows from one document
+    max_prepared_length: int = 8192  # slimpajama: longest context_length the shards serve without re-preparing
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
     builtin    the standard library's docstrings: real English prose that every Python has, offline
     synthetic  seeded uniformly random token ids
+    slimpajama SlimPajama-6B (hub or local files), prepared into token shards in data.data_dir first if needed
+    shards     token shards already in data.data_dir (spectra.prepare's, or the prototype's .npz)
 
 Every sample has exactly `data.context_length` tokens, so batches need no padding and no attention mask.
 Which windows a run takes is decided by `data.seed` alone.
@@ -111,4 +113,13 @@ def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int) -> list[Sampl
         if data_cfg.add_bos:
             ids[:, 0] = tokenizer.bos_token_id
         return [Sample(i, ids[i], "synthetic", f"seed-{data_cfg.seed}", i) for i in range(data_cfg.n_samples)]
-    raise ConfigError("data.name", f"unknown data source {data_cfg.name!r}; known: builtin, synthetic")
+    if data_cfg.name in ("slimpajama", "shards"):
+        from spectra.shards import load_windows  # imports this module's Sample
+
+        windows = load_windows(data_cfg, tokenizer, vocab_size, prepare_if_missing=data_cfg.name == "slimpajama")
+        return windows.samples(
+            data_cfg.context_length, data_cfg.n_samples, data_cfg.seed, data_cfg.add_bos, tokenizer.bos_token_id
+        )
+    raise ConfigError(
+        "data.name", f"unknown data source {data_cfg.name!r}; known: builtin, synthetic, slimpajama, shards"
+    )

@@ -1,0 +1,143 @@
+"""Raw SlimPajama documents: from the Hugging Face hub, or from local files in SlimPajama's own format.
+
+A SlimPajama row is `text` plus `meta.redpajama_set_name` (the source, e.g. RedPajamaC4). Local files may be
+Parquet (as the hub stores DKYoon/SlimPajama-6B), JSONL, or zstd-compressed JSONL (`.jsonl.zst`, as the
+original SlimPajama release ships). `data.local_path` is a file, a folder (searched recursively) or a glob.
+
+Documents come out in a fixed order (files sorted by path, rows in file order), each with an id that points
+back to its row: `<file path relative to local_path>:<row>` or `<split>:<row>` for the hub.
+
+    python -m spectra.prepare model=tiny_llama data=slimpajama data.local_path=/data/slimpajama-6b/test
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from omegaconf import DictConfig
+
+from spectra.errors import ConfigError, SpectraError
+
+SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst")
+
+
+@dataclass
+class Document:
+    document_id: str  # where the row came from: "<file>:<row>" or "<split>:<row>"
+    source: str  # meta.redpajama_set_name
+    text: str  # as stored, not yet stripped
+
+
+def file_format(path: Path) -> str | None:
+    name = path.name
+    return next((suffix for suffix in SUFFIXES if name.endswith(suffix)), None)
+
+
+def local_files(local_path: str) -> tuple[Path, list[Path]]:
+    """(base the document ids are relative to, the SlimPajama files local_path names, sorted)."""
+    path = Path(local_path).expanduser()
+    if any(char in local_path for char in "*?["):
+        files = [Path(p) for p in glob.glob(str(path), recursive=True)]
+        base = Path(_literal_prefix(local_path)).expanduser()
+    elif path.is_dir():
+        files, base = list(path.rglob("*")), path
+    elif path.is_file():
+        files, base = [path], path.parent
+    else:
+        raise ConfigError("data.local_path", f"'{local_path}' does not exist; give a file, a folder or a glob")
+    files = sorted(f for f in files if f.is_file() and file_format(f))
+    if not files:
+        raise ConfigError(
+            "data.local_path", f"'{local_path}' holds no {', '.join(SUFFIXES)} files in SlimPajama's format"
+        )
+    return base, files
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The folder part of a glob before its first wildcard: document ids are relative to it."""
+    cut = min(i for i, char in enumerate(pattern) if char in "*?[")
+    return str(Path(pattern[:cut] + "x").parent)
+
+
+def _source(meta) -> str:
+    # The hub's Parquet stores meta as a struct; some dumps store it as a JSON string.
+    if isinstance(meta, str):
+        meta = json.loads(meta)
+    if not isinstance(meta, dict) or "redpajama_set_name" not in meta:
+        raise KeyError("meta.redpajama_set_name")
+    return meta["redpajama_set_name"]
+
+
+def _rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(text, meta) per row of one file."""
+    kind = file_format(path)
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["text", "meta"]):
+            yield from zip(batch.column("text").to_pylist(), batch.column("meta").to_pylist())
+        return
+    if kind == ".jsonl.zst":
+        import zstandard
+
+        handle = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
+    else:
+        handle = open(path, encoding="utf-8")
+    with handle:
+        for line in handle:
+            if line.strip():
+                row = json.loads(line)
+                yield row["text"], row["meta"]
+
+
+def read_local(local_path: str) -> Iterator[Document]:
+    base, files = local_files(local_path)
+    for path in files:
+        name = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.as_posix()
+        try:
+            for row, (text, meta) in enumerate(_rows(path)):
+                yield Document(f"{name}:{row}", _source(meta), text)
+        except (KeyError, ValueError) as error:  # ValueError covers bad JSON and a Parquet file without a column
+            raise SpectraError(
+                f"{path}: not in SlimPajama's format (text plus meta.redpajama_set_name): "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+
+
+def read_hub(hub_id: str, split: str) -> Iterator[Document]:
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(hub_id, split=split)
+    except (ConnectionError, OSError, ImportError) as error:
+        raise SpectraError(
+            f"cannot load {hub_id} (split {split}) from the Hugging Face hub: {str(error).splitlines()[0]} -- "
+            "without hub access, download its Parquet files elsewhere and pass data.local_path=<file, folder or glob>"
+        ) from None
+    except ValueError as error:  # an unknown split
+        raise ConfigError("data.split", str(error).splitlines()[0]) from None
+    for row, example in enumerate(dataset):
+        yield Document(f"{split}:{row}", _source(example["meta"]), example["text"])
+
+
+def corpus_description(data_cfg: DictConfig) -> dict:
+    """What a preparation reads, as recorded in the manifest: the hub id and split, or the local files."""
+    if data_cfg.local_path:
+        base, files = local_files(data_cfg.local_path)
+        return {
+            "local_path": data_cfg.local_path,
+            "files": [{"name": f.relative_to(base).as_posix(), "bytes": f.stat().st_size} for f in files],
+        }
+    return {"hub_id": data_cfg.hub_id, "split": data_cfg.split}
+
+
+def read_documents(data_cfg: DictConfig) -> Iterator[Document]:
+    """Every raw document, unfiltered, in a fixed order."""
+    if data_cfg.local_path:
+        return read_local(data_cfg.local_path)
+    return read_hub(data_cfg.hub_id, data_cfg.split)
