@@ -44,7 +44,8 @@ def print_summary(manifest: dict, data_dir: str, built: bool) -> None:
         note = "" if not settings["sources"] or source in settings["sources"] else "  (excluded source)"
         print(f"  {source:<24}{c['read']:>9}{c['short']:>8}{c['kept']:>8}{c['tokens']:>13,}{c['stored']:>13,}{note}")
     stored = sum(shard["tokens"] for shard in manifest["shards"])
-    print(f"  total      {manifest['documents']['count']} documents, {stored:,} tokens in {len(manifest['shards'])} shard(s)")
+    shards = len(manifest["shards"])
+    print(f"  total      {manifest['documents']['count']} documents, {stored:,} tokens stored in {shards} shard(s)")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

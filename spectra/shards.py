@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,8 +50,17 @@ TOKENIZE_BATCH = 256  # documents per call of the (Rust, multi-threaded) fast to
 
 
 # ----------------------------------------------------------------------------------------------- identity
+_IDENTITIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def tokenizer_identity(tokenizer) -> dict:
     """Name plus a hash of everything that decides token ids (vocab, merges, normalizer, pre-tokenizer)."""
+    if tokenizer not in _IDENTITIES:  # hashing Llama-3's 9 MB tokenizer.json takes about a second
+        _IDENTITIES[tokenizer] = _identity(tokenizer)
+    return dict(_IDENTITIES[tokenizer])
+
+
+def _identity(tokenizer) -> dict:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
@@ -171,13 +181,14 @@ def _build(data_cfg: DictConfig, settings: dict, tokenizer, directory: Path, sha
     store_limit = settings["max_windows_per_doc"] * settings["max_prepared_length"]
     writer = _ShardWriter(directory, shard_tokens)
     rows: dict[str, list] = {k: [] for k in ("document_id", "source", "chars", "tokens", "stored", "shard", "offset")}
-    documents = read_documents(data_cfg)
+    documents = tqdm(read_documents(data_cfg), desc="tokenize", unit="doc", dynamic_ncols=True, file=sys.stderr)
     kept = _tokenized(tokenizer, documents, settings["min_chars"], set(settings["sources"]), counts)
-    for document, text, tokens in tqdm(kept, desc="tokenize", unit="doc", dynamic_ncols=True, file=sys.stderr):
+    for document, text, tokens in kept:
         stored = tokens[:store_limit]
         shard, offset = writer.add(stored)
-        for key, value in zip(rows, (document.document_id, document.source, len(text), len(tokens), len(stored),
-                                     shard, offset)):  # fmt: skip
+        record = {"document_id": document.document_id, "source": document.source, "chars": len(text),
+                  "tokens": len(tokens), "stored": len(stored), "shard": shard, "offset": offset}  # fmt: skip
+        for key, value in record.items():
             rows[key].append(value)
         counts[document.source]["kept"] += 1
         counts[document.source]["tokens"] += len(tokens)
@@ -363,5 +374,6 @@ def load_windows(data_cfg: DictConfig, tokenizer, vocab_size: int, prepare_if_mi
     if data_dir.suffix == ".npz" or (data_dir.is_dir() and any(data_dir.glob("*.npz"))):
         return npz_windows(data_dir, data_cfg.context_length, vocab_size)
     raise ConfigError(
-        "data.data_dir", f"'{data_dir}' holds neither {MANIFEST} nor .npz shards; prepare it with python -m spectra.prepare"
+        "data.data_dir",
+        f"'{data_dir}' holds neither {MANIFEST} nor .npz shards; prepare it with python -m spectra.prepare",
     )
