@@ -114,7 +114,7 @@ def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int) -> list[Sampl
             ids[:, 0] = tokenizer.bos_token_id
         return [Sample(i, ids[i], "synthetic", f"seed-{data_cfg.seed}", i) for i in range(data_cfg.n_samples)]
     if data_cfg.name in ("slimpajama", "shards"):
-        from spectra.shards import load_windows  # imports this module's Sample
+        from spectra.shards import load_windows  # imported here: spectra.shards imports Sample from this module
 
         windows = load_windows(data_cfg, tokenizer, vocab_size, prepare_if_missing=data_cfg.name == "slimpajama")
         return windows.samples(

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from spectra.data import Sample, choose
 from spectra.errors import ConfigError, SpectraError
 from spectra.slimpajama import corpus_description, read_documents
 
@@ -288,8 +289,6 @@ class Windows:
         self.lengths, self.max_windows, self.where = np.asarray(lengths), max_windows, where
 
     def samples(self, context_length: int, n_samples: int, seed: int, add_bos: bool, bos_token_id):
-        from spectra.data import Sample, choose
-
         text_tokens = context_length - 1 if add_bos else context_length
         counts = window_counts(self.lengths, text_tokens, self.max_windows)
         chosen = choose(int(counts.sum()), n_samples, seed, f"{self.where} at data.context_length={context_length}")
