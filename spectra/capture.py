@@ -3,8 +3,11 @@
 The function is registered with transformers' `AttentionInterface` and selected with
 `model.set_attn_implementation`, so it receives exactly what the model's own attention would: q and k after
 RoPE, k not yet repeated for grouped-query heads, the model's scaling and mask. It reduces the layer to its
-per-token metrics on the spot (memory does not grow with depth), then hands the call to transformers' SDPA
-attention so the model's outputs are unchanged.
+per-token metrics on the spot (memory does not grow with depth), then hands the call to the implementation the
+model ran before (SDPA, or for "eager" the model's own `eager_attention_forward`, which e.g. Gemma 2 needs for
+its soft-capping), so the model's outputs are unchanged. The metrics use the scores that implementation uses:
+its scaling, `softcap` and `sliding_window` arguments and its mask. Architectures whose attention adds
+something the metrics cannot see (relative-position biases, sink logits, bidirectional attention) are refused.
 
     with AttentionCapture(model, k_eff_threshold=0.9) as capture:
         metrics = capture.run(input_ids)        # name -> (layers, B, H, T) tensor
@@ -12,27 +15,69 @@ attention so the model's outputs are unchanged.
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+import sys
+from typing import Any, Callable
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from spectra.errors import SpectraError
 from spectra.metrics import METRIC_FIELDS, attention_metrics, prototype_scaling
 
 ATTENTION_NAME = "spectra_capture"
 
+# Attention-function arguments that change the scores in ways the metrics do not model (found by reading every
+# `attention_interface(...)` call in transformers 5.24): a model passing one of them is refused, not measured.
+UNMODELLED_SCORE_ARGUMENTS = {
+    "position_bias": "adds a relative-position bias to the attention scores",
+    "s_aux": "adds learned attention-sink logits to the softmax",
+    "sinks": "adds learned attention-sink logits to the softmax",
+}
+# Implementations that accept `softcap` but drop it (torch's SDPA has no soft-capping).
+IGNORES_SOFTCAP = ("sdpa",)
 
-def _allowed_from_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+
+def _allowed_from_mask(attention_mask: torch.Tensor | None, model_name: str) -> torch.Tensor | None:
     """The model's mask as bool 'may attend' (B or 1, 1, T, S); None means plain causal."""
     if attention_mask is None:
         return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 4:
+        raise SpectraError(
+            f"{model_name} passes its attention mask as {type(attention_mask).__name__} "
+            f"{getattr(attention_mask, 'shape', '')}, which Spectra cannot read; load the model with "
+            "attn_implementation='sdpa' or 'eager'"
+        )
     if attention_mask.dtype == torch.bool:
         return attention_mask
-    # Additive float masks hold 0 where attention is allowed and a large negative number elsewhere.
-    return attention_mask == 0
+    # Additive float masks hold 0 where attention is allowed and a large negative number elsewhere; anything
+    # else (an ALiBi-style bias folded into the mask) would change the scores without the metrics knowing.
+    allowed = attention_mask == 0
+    blocked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+    if not bool((allowed | blocked).all()):
+        raise SpectraError(
+            f"{model_name} adds a bias to its attention scores through the mask; Spectra's metrics would not "
+            "match its attention, so this architecture is not supported"
+        )
+    return allowed
+
+
+def _eager_attention(module: torch.nn.Module) -> Callable:
+    """The `eager_attention_forward` the module's own forward calls when the model runs 'eager'."""
+    # The forward's globals, not the class's module: a subclass may inherit its parent's forward. unwrap
+    # reaches through decorators such as transformers' deprecate_kwarg.
+    forward = inspect.unwrap(type(module).forward)
+    eager = getattr(forward, "__globals__", {}).get("eager_attention_forward")
+    if eager is None:
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise SpectraError(
+            f"{type(module).__name__} runs eager attention but its module defines no eager_attention_forward for "
+            "Spectra to call; load the model with attn_implementation='sdpa'"
+        )
+    return eager
 
 
 class AttentionCapture:
@@ -49,21 +94,33 @@ class AttentionCapture:
         k_eff_threshold: float = 0.9,
         attention: str = "post_rope",
         block_bytes: int = 256 * 2**20,
+        extended: bool = False,
     ):
         self.model = model
         self.k_eff_threshold = k_eff_threshold
         self.attention = attention
         self.block_bytes = block_bytes
+        self.extended = extended  # also compute metrics.EXTENDED_METRIC_FIELDS
         self._layers: dict[int, Any] = {}
         self._pre_rope: dict[tuple[int, str], torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._previous_implementation: str | None = None
 
     def __enter__(self) -> "AttentionCapture":
-        # The mask function must be registered under the same name, or transformers silently passes no mask.
+        previous = self.model.config._attn_implementation or "eager"
+        mask_function = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(previous)
+        if previous == ATTENTION_NAME or mask_function is None or (
+            previous != "eager" and previous not in ALL_ATTENTION_FUNCTIONS
+        ):
+            raise SpectraError(
+                f"{type(self.model).__name__} runs attn_implementation={previous!r}, which Spectra cannot pass the "
+                "attention on to; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        # The mask function must be registered under the same name, or transformers silently passes no mask; it is
+        # the previous implementation's, so the delegate gets the mask it expects (eager: additive float).
         AttentionInterface.register(ATTENTION_NAME, self._attention)
-        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
-        self._previous_implementation = self.model.config._attn_implementation
+        AttentionMaskInterface.register(ATTENTION_NAME, mask_function)
+        self._previous_implementation = previous
         self.model.set_attn_implementation(ATTENTION_NAME)
         if self.model.config._attn_implementation != ATTENTION_NAME:
             raise SpectraError(
@@ -96,15 +153,34 @@ class AttentionCapture:
 
                 self._hooks.append(getattr(module, name).register_forward_hook(save))
 
+    def _refuse_unfaithful(self, module: torch.nn.Module, kwargs: dict) -> None:
+        """Raise if this call's attention is one the metrics cannot reproduce."""
+        name = type(module).__name__
+        for argument, what in UNMODELLED_SCORE_ARGUMENTS.items():
+            if kwargs.get(argument) is not None:
+                raise SpectraError(
+                    f"{name} {what} ({argument}); Spectra's metrics would not match its attention, "
+                    "so this architecture is not supported"
+                )
+        if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+            raise SpectraError(f"{name} attends bidirectionally; Spectra measures causal attention only")
+        if kwargs.get("softcap") is not None and self._previous_implementation in IGNORES_SOFTCAP:
+            raise SpectraError(
+                f"{name} soft-caps its attention scores but runs attn_implementation="
+                f"'{self._previous_implementation}', which ignores the cap; load the model with "
+                "attn_implementation='eager'"
+            )
+
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
+        self._refuse_unfaithful(module, kwargs)
         if self.attention == "pre_rope":
             batch, _, seq_len, head_dim = query.shape
             # (B, T, H*D) -> (B, H, T, D), as the model does before applying RoPE
             q = self._pre_rope.pop((layer, "q_proj")).view(batch, seq_len, -1, head_dim).transpose(1, 2)
             k = self._pre_rope.pop((layer, "k_proj")).view(batch, seq_len, -1, head_dim).transpose(1, 2)
             self._layers[layer] = attention_metrics(
-                q, k, prototype_scaling(head_dim), self.k_eff_threshold, None, self.block_bytes
+                q, k, prototype_scaling(head_dim), self.k_eff_threshold, None, self.block_bytes, extended=self.extended
             )
         else:
             self._layers[layer] = attention_metrics(
@@ -112,12 +188,17 @@ class AttentionCapture:
                 key,
                 scaling if scaling is not None else module.scaling,
                 self.k_eff_threshold,
-                _allowed_from_mask(attention_mask),
+                _allowed_from_mask(attention_mask, type(module).__name__),
                 self.block_bytes,
+                softcap=kwargs.get("softcap"),
+                sliding_window=kwargs.get("sliding_window"),
+                extended=self.extended,
             )
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
-        )
+        if self._previous_implementation == "eager":
+            delegate = _eager_attention(module)
+        else:
+            delegate = ALL_ATTENTION_FUNCTIONS[self._previous_implementation]
+        return delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -130,4 +211,5 @@ class AttentionCapture:
                 "this architecture computes attention outside transformers' AttentionInterface"
             )
         layers = [self._layers[i] for i in sorted(self._layers)]
-        return {name: torch.stack([getattr(m, name) for m in layers]) for name in METRIC_FIELDS}
+        computed = [name for name in METRIC_FIELDS if getattr(layers[0], name) is not None]
+        return {name: torch.stack([getattr(m, name) for m in layers]) for name in computed}

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from spectra.errors import ConfigError
+from spectra.metrics import DEFAULT_METRIC_FIELDS
 from spectra.metrics import METRIC_FIELDS as METRIC_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -59,7 +60,7 @@ class DataConfig:
 
 @dataclass
 class MetricsConfig:
-    names: list[str] = field(default_factory=lambda: list(METRIC_NAMES))  # columns written
+    names: list[str] = field(default_factory=lambda: list(DEFAULT_METRIC_FIELDS))  # columns written
     k_eff_threshold: float = 0.9  # k_eff: fewest keys whose largest probabilities sum to >= this
     # post_rope: the attention the model computes. pre_rope: the prototype's softmax(q k^T / sqrt(d)) from
     # q and k before the rotary embedding -- a different distribution, kept for comparison only.

@@ -29,6 +29,7 @@ from spectra.capture import AttentionCapture
 from spectra.config import checked_config, register_configs
 from spectra.data import load_samples
 from spectra.errors import ConfigError, SpectraError
+from spectra.metrics import EXTENDED_METRIC_FIELDS
 from spectra.models import describe, load_model
 from spectra.writer import PartWriter, metric_schema, write_json_atomic, write_samples
 
@@ -88,6 +89,7 @@ def capture(cfg: DictConfig) -> dict:
             k_eff_threshold=cfg.metrics.k_eff_threshold,
             attention=cfg.metrics.attention,
             block_bytes=cfg.hardware.attention_block_mb * 2**20,
+            extended=any(name in EXTENDED_METRIC_FIELDS for name in names),
         ) as attention,
         PartWriter(out / "metrics", schema) as writer,
         tqdm(total=tokens_total, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True) as progress,
