@@ -13,6 +13,7 @@ is checked against output_attentions (which eager computes with a float32 softma
 from __future__ import annotations
 
 import copy
+import json
 import sys
 
 import numpy as np
@@ -258,6 +259,14 @@ def test_attention_sinks_are_refused():
         capture.run(input_ids())
 
 
+@pytest.mark.slow  # ~10 s: importing and building flex attention's block mask
+def test_unreadable_mask_is_refused():
+    """flex_attention passes a BlockMask: Spectra cannot tell which keys it allows, so it does not guess."""
+    model = tiny_model(tiny_config("mistral"), attn_implementation="flex_attention")
+    with AttentionCapture(model) as capture, pytest.raises(SpectraError, match="BlockMask.*attn_implementation='sdpa'"):
+        capture.run(input_ids())
+
+
 def test_softcap_under_sdpa_is_refused():
     """transformers 5.24 refuses SDPA for every soft-capping model; should one run SDPA anyway, the cap is lost."""
     model = tiny_model(tiny_config("gemma2"))
@@ -293,11 +302,20 @@ def test_tiny_model_configs_capture_without_changing_logits(name):
     assert name not in ("tiny_mistral", "tiny_gemma2") or "sliding_attention" in layer_types
 
 
-def test_extended_metrics_through_the_entrypoint(tmp_path):
-    """metrics=extended writes nine float/int columns; the rows equal a direct capture of the same samples."""
-    overrides = ("model=tiny_gemma2", "data=synthetic", "data.context_length=24", "data.n_samples=2")
-    result = run_spectra(tmp_path, *overrides, "metrics=extended", "hardware.batch_size=2", "logger=none")
+def test_gemma2_checkpoint_with_extended_metrics_through_the_entrypoint(tmp_path):
+    """model=gemma2_2b model.path=<local checkpoint> metrics=extended: a Gemma 2 checkpoint (tiny_gemma2's shape,
+    saved as a hub download would be) loads with eager attention, and the nine columns hold a direct capture."""
+    checkpoint = tmp_path / "gemma2-tiny"
+    cfg = checked_config(compose_config("model=tiny_gemma2"))
+    model, tokenizer = load_model(cfg.model, cfg.hardware)
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+
+    overrides = ("model=gemma2_2b", f"model.path={checkpoint}", "data=synthetic", "data.context_length=24")
+    result = run_spectra(tmp_path, *overrides, "data.n_samples=2", "metrics=extended", "hardware.batch_size=2")
     assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["class"] == "Gemma2ForCausalLM"
     frame = pl.read_parquet(tmp_path / "run" / "metrics" / "*.parquet")
     frame = frame.sort("sample_id", "layer", "head", "token_pos")
     assert frame.columns == ["sample_id", "layer", "head", "token_pos", *METRIC_FIELDS]
@@ -305,10 +323,10 @@ def test_extended_metrics_through_the_entrypoint(tmp_path):
     assert all(frame.schema[name] == pl.Float32 for name in METRIC_FIELDS if name != "k_eff")
     assert frame.height == 2 * 2 * 8 * 24
 
-    cfg = checked_config(compose_config(*overrides))
-    model, _ = load_model(cfg.model, cfg.hardware)
-    ids = torch.from_numpy(np.stack(pl.read_parquet(tmp_path / "run" / "samples.parquet")["input_ids"].to_list()))
-    with AttentionCapture(model, extended=True) as capture:
+    loaded, _ = load_model(checked_config(compose_config(*overrides)).model, cfg.hardware)
+    assert loaded.config._attn_implementation == "eager"
+    ids = torch.tensor(pl.read_parquet(tmp_path / "run" / "samples.parquet")["input_ids"].to_list())  # (2, 24)
+    with AttentionCapture(loaded, extended=True) as capture:
         direct = capture.run(ids)  # name -> (L, B, H, T)
     for name in METRIC_FIELDS:
         expected = direct[name].permute(1, 0, 2, 3).reshape(-1).numpy()  # rows ordered (sample, layer, head, token)
