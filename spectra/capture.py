@@ -191,7 +191,10 @@ class AttentionCapture:
                 _allowed_from_mask(attention_mask, type(module).__name__),
                 self.block_bytes,
                 softcap=kwargs.get("softcap"),
-                sliding_window=kwargs.get("sliding_window"),
+                # A mask, when there is one, already carries the window and is all SDPA and eager attention
+                # read (a caller's own 4D mask may even drop it); with none, implementations such as flash
+                # attention apply the window from this argument.
+                sliding_window=kwargs.get("sliding_window") if attention_mask is None else None,
                 extended=self.extended,
             )
         if self._previous_implementation == "eager":

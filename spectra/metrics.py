@@ -94,7 +94,7 @@ def attention_metrics(
     allowed (B or 1, 1, T, T) bool, True where query t may attend to key j; None means plain causal.
             Causality is applied in any case: transformers often passes no mask for causal-only batches.
     softcap        scores become softcap * tanh(scores / softcap) before masking, as Gemma 2 computes them
-    sliding_window query t sees keys j with t - j < sliding_window (applied even when the mask carries it)
+    sliding_window query t sees keys j with t - j < sliding_window (on top of `allowed`)
     extended       also compute the extended metrics (see the module docstring)
     """
     batch, heads, seq_len, head_dim = query.shape

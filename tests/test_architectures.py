@@ -259,6 +259,31 @@ def test_attention_sinks_are_refused():
         capture.run(input_ids())
 
 
+def test_bias_in_the_mask_is_refused():
+    """An ALiBi-style bias folded into an additive mask changes the scores: refused, not read as 'allowed'."""
+    model = tiny_model(tiny_config("gemma2"))
+    distance = torch.arange(SEQ_LEN)[:, None] - torch.arange(SEQ_LEN)[None, :]  # (T, T) t - j
+    blocked = torch.finfo(torch.float32).min
+    mask = torch.where(distance >= 0, -0.5 * distance.float(), blocked)[None, None]  # (1, 1, T, T), passed as-is
+    with AttentionCapture(model) as capture, pytest.raises(SpectraError, match="adds a bias .* through the mask"):
+        with torch.no_grad():
+            model(input_ids=input_ids(), attention_mask=mask.expand(BATCH, 1, -1, -1), use_cache=False)
+    assert capture._layers == {}  # refused before any layer's metrics were kept
+
+
+def test_a_callers_mask_is_what_counts():
+    """A 4D mask passed to the model goes to every layer as it is: Gemma 2's eager attention then does not slide,
+    and neither do the metrics (the window argument is only used when there is no mask)."""
+    model = tiny_model(tiny_config("gemma2"))
+    distance = torch.arange(SEQ_LEN)[:, None] - torch.arange(SEQ_LEN)[None, :]  # (T, T) t - j
+    mask = torch.where(distance >= 0, 0.0, torch.finfo(torch.float32).min)[None, None].expand(BATCH, 1, -1, -1)
+    with AttentionCapture(model, extended=True) as capture, torch.no_grad():
+        model(input_ids=input_ids(), attention_mask=mask, use_cache=False)
+    sliding_layer = capture._layers[0]  # layer 0 is a sliding layer when the model builds its own masks
+    assert (sliding_layer.sink_attn[..., WINDOW:] > 0).all()
+    assert int(sliding_layer.k_eff.max()) > WINDOW
+
+
 @pytest.mark.slow  # ~10 s: importing and building flex attention's block mask
 def test_unreadable_mask_is_refused():
     """flex_attention passes a BlockMask: Spectra cannot tell which keys it allows, so it does not guess."""
