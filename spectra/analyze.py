@@ -1,0 +1,308 @@
+"""Analyse capture runs: per-head summaries, query-norm correlations, position profiles, figures and a report.
+
+    python -m spectra.analyze run_dir=outputs/2026-11-28/14-00-00-000000_tiny_llama        # -> <run>/analysis/
+    python -m spectra.analyze run_dir=outputs/multirun/2026-11-28/14-05-00-000000          # a sweep: every run,
+                                                                                          #   and a comparison
+    python -m spectra.analyze run_dir=[runA,runB] output_dir=cmp                          # several runs
+    python -m spectra.analyze run_dir=<run> skip_positions=0 heads=[[0,3],[2,5]] export=csv logger=wandb
+    python -m spectra.analyze --cfg job                                                   # the documented config
+
+Per run it writes, under <run>/analysis/ (or output_dir): heads.parquet, correlations.parquet, positions.parquet,
+figures/*.png, report.md, duckdb_views.sql, and with export=csv metrics.csv. Several runs add comparison.parquet,
+a figure and report.md in the sweep folder's analysis/ (or output_dir). Reads top to bottom: check config ->
+find runs -> per run: statistics -> tables -> figures -> report -> exports; then the comparison; then W&B.
+Statistics live in spectra/head_stats.py, figures in spectra/plots.py, the report in spectra/report.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import polars as pl
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from spectra import head_stats, plots, report
+from spectra.errors import ConfigError, SpectraError
+from spectra.exports import duckdb_views, export_csv
+from spectra.writer import write_parquet_atomic
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+HEATMAP_METRICS = ("entropy", "max_attn", "k_eff", "query_norm", "entropy_normalized", "k_eff_fraction")
+PROFILE_METRICS = ("entropy", "entropy_normalized", "k_eff", "k_eff_fraction")
+SWEEP_METRICS = ("entropy", "k_eff", "max_attn")
+
+
+@dataclass
+class WandbConfig:
+    project: str = "spectra"  # W&B project the analysis run is logged to
+    entity: Optional[str] = None  # W&B team or user; None: the logged-in default
+    mode: Optional[str] = None  # online | offline | disabled; None: W&B's default (WANDB_MODE)
+
+
+@dataclass
+class AnalyzeConfig:
+    run_dir: Any = None  # a run folder, a list of them ([a,b]), or a multirun (sweep) folder holding runs
+    output_dir: Optional[str] = None  # None: <run>/analysis for each run, <sweep>/analysis for the comparison
+    skip_positions: int = 2  # correlations leave out token positions t < this (at t = 0 a query sees one key)
+    heads: list[Any] = field(default_factory=list)  # [[layer, head], ...] for density plots; []: the strongest
+    top_heads: int = 4  # rows of the report's strongest-heads table; density plots when `heads` is empty
+    export: str = "none"  # none | csv: also write analysis/metrics.csv (the prototype's CSV layout)
+    logger: str = "none"  # none | wandb: log tables, figures and the report to W&B
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+ConfigStore.instance().store(name="base_analyze", node=AnalyzeConfig)
+
+
+def checked_config(cfg: DictConfig) -> DictConfig:
+    """Merged into the schema again (catches `+key=` overrides) and range-checked; ConfigError names the key."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(AnalyzeConfig), cfg)
+    except Exception as error:
+        raise ConfigError(getattr(error, "full_key", None) or "config", str(error).splitlines()[0]) from None
+    if cfg.run_dir in (None, "", []):
+        raise ConfigError("run_dir", "required: python -m spectra.analyze run_dir=<run folder or sweep folder>")
+    if cfg.skip_positions < 0:
+        raise ConfigError("skip_positions", f"must be >= 0, got {cfg.skip_positions}")
+    if cfg.top_heads < 1:
+        raise ConfigError("top_heads", f"must be >= 1, got {cfg.top_heads}")
+    if cfg.export not in ("none", "csv"):
+        raise ConfigError("export", f"must be none or csv, got {cfg.export!r}")
+    if cfg.logger not in ("none", "wandb"):
+        raise ConfigError("logger", f"must be none or wandb, got {cfg.logger!r}")
+    for pair in cfg.heads:
+        if not (isinstance(pair, (list, ListConfig)) and len(pair) == 2 and all(isinstance(i, int) for i in pair)):
+            raise ConfigError("heads", f"each entry must be [layer, head], got {pair!r}; e.g. heads=[[0,3],[2,5]]")
+    return cfg
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / "metrics").is_dir()
+
+
+def job_order(folder: Path) -> tuple:
+    """Hydra names sweep jobs `<num>_<overrides>`: order by the number, so 10 comes after 9."""
+    match = re.match(r"(\d+)", folder.name)
+    return (int(match.group(1)) if match else sys.maxsize, folder.name)
+
+
+def find_runs(run_dir: Any) -> tuple[list[Path], Optional[Path]]:
+    """The run folders named by run_dir, and the sweep folder when one was given (where the comparison goes)."""
+    given = [run_dir] if isinstance(run_dir, str) else list(run_dir)
+    runs, sweep = [], None
+    for name in map(Path, map(str, given)):
+        if not name.is_dir():
+            raise ConfigError("run_dir", f"{name} is not a folder; give a run folder (holding metrics/) or a sweep folder")
+        if is_run(name):
+            runs.append(name)
+            continue
+        jobs = sorted((sub for sub in name.iterdir() if sub.is_dir() and is_run(sub)), key=job_order)
+        if not jobs:
+            raise ConfigError("run_dir", f"{name} holds no metrics/ folder and no runs; is it a Spectra run folder?")
+        runs += jobs
+        sweep = sweep or name
+    return runs, sweep
+
+
+def run_record(run: Path) -> dict:
+    """run.json, or {} for a run that did not finish (its complete part files are still worth analysing)."""
+    path = run / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def scan_metrics(run: Path) -> pl.LazyFrame:
+    # part-*: the writer's in-progress files end in .inprogress, but be strict anyway.
+    parts = sorted((run / "metrics").glob("part-*.parquet"))
+    if not parts:
+        raise SpectraError(f"{run / 'metrics'}: no part-*.parquet files; did the capture run write any batch?")
+    return pl.scan_parquet(run / "metrics" / "part-*.parquet")
+
+
+@dataclass
+class RunAnalysis:
+    label: str
+    run: Path
+    out: Path
+    record: dict
+    metrics: list[str]
+    heads: pl.DataFrame
+    correlations: pl.DataFrame
+    profile: pl.DataFrame
+    figures: list[Path]
+
+
+def density_heads(cfg: DictConfig, heads: pl.DataFrame, correlations: pl.DataFrame) -> list[tuple[int, int]]:
+    if cfg.heads:
+        known = set(zip(heads["layer"].to_list(), heads["head"].to_list()))
+        for layer, head in cfg.heads:
+            if (layer, head) not in known:
+                raise ConfigError("heads", f"[{layer}, {head}] is not in the run ({heads['layer'].max() + 1} layers x "
+                                  f"{heads['head'].max() + 1} heads, counted from 0)")  # fmt: skip
+        return [tuple(pair) for pair in cfg.heads]
+    strongest = head_stats.strongest_heads(correlations, "entropy", cfg.top_heads)
+    return list(zip(strongest["layer"].to_list(), strongest["head"].to_list()))
+
+
+def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
+    lf = scan_metrics(run)
+    record = run_record(run)
+    metrics = head_stats.metric_columns(lf)
+    layers = head_stats.layers_of(lf)
+
+    heads = head_stats.by_layer(head_stats.head_summary, lf, layers)
+    correlations = head_stats.by_layer(lambda rows: head_stats.head_correlations(rows, cfg.skip_positions), lf, layers)
+    profile = head_stats.position_profile(lf)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, table in (("heads", heads), ("correlations", correlations), ("positions", profile)):
+        write_parquet_atomic(table.to_arrow(), out / f"{name}.parquet")
+
+    figures = []
+    for metric in (m for m in HEATMAP_METRICS if f"{m}_mean" in heads.columns):
+        figures.append(plots.head_heatmap(heads, f"{metric}_mean", f"{label}: mean {metric}", out / "figures" / f"heatmap_{metric}.png"))
+    for y in correlations["y"].unique().sort().to_list():
+        rows = correlations.filter(pl.col("y") == y)
+        figures.append(plots.head_heatmap(rows, "spearman_r", f"{label}: Spearman r(query_norm, {y}), t >= {cfg.skip_positions}",
+                                          out / "figures" / f"heatmap_r_{y}.png", diverging=True))  # fmt: skip
+    shown = [m for m in PROFILE_METRICS if m in profile.columns]
+    if shown:
+        figures.append(plots.position_curves(profile, shown, out / "figures" / "position_profiles.png", label))
+    if {"query_norm", "entropy"} <= set(metrics) and correlations.height:
+        chosen = density_heads(cfg, heads, correlations)
+        points = [
+            (layer, head, rows["query_norm"].to_numpy(), rows["entropy"].to_numpy())
+            for layer, head in chosen
+            # One head's rows at a time: 1/(layers x heads) of the run.
+            for rows in [lf.filter((pl.col("layer") == layer) & (pl.col("head") == head) & (pl.col("token_pos") >= cfg.skip_positions))
+                         .select(pl.col("query_norm", "entropy").cast(pl.Float64)).collect(engine="streaming")]
+        ]  # fmt: skip
+        figures.append(plots.density_panels(points, "query_norm", "entropy", out / "figures" / "density_query_norm_entropy.png"))
+
+    analysis = RunAnalysis(label, run, out, record, metrics, heads, correlations, profile, figures)
+    report.write_run_report(analysis, cfg.skip_positions, cfg.top_heads, out / "report.md")
+    duckdb_views([(label, run, out, metrics)], out / "duckdb_views.sql")
+    if cfg.export == "csv":
+        export_csv(lf, out / "metrics.csv")
+    return analysis
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    items = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items.update(flatten(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return items
+
+
+def swept_keys(records: list[dict]) -> list[str]:
+    """Config keys whose values differ between runs (the sweep's parameters), output folders aside."""
+    configs = [flatten(record.get("config", {})) for record in records]
+    keys = sorted(set().union(*configs))
+    return [
+        key for key in keys
+        if key != "run.output_dir" and len({json.dumps(c.get(key), sort_keys=True) for c in configs}) > 1
+    ]  # fmt: skip
+
+
+def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, list[Path]]:
+    """comparison.parquet: one row per (run, layer) with the swept config values and per-layer means."""
+    keys = swept_keys([a.record for a in analyses])
+    tables = []
+    for a in analyses:
+        config = flatten(a.record.get("config", {}))
+        table = head_stats.layer_comparison(a.heads, a.correlations)
+        tables.append(table.with_columns(pl.lit(a.label).alias("run"), *[pl.lit(config.get(k)).alias(k) for k in keys]))
+    comparison = pl.concat(tables, how="diagonal_relaxed").select("run", *keys, pl.exclude("run", *keys))
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet_atomic(comparison.to_arrow(), out / "comparison.parquet")
+    x = next((k for k in keys if comparison[k].dtype.is_numeric()), keys[0] if keys else "run")
+    figures = [
+        plots.sweep_lines(comparison, x, metric, out / "figures" / f"sweep_{metric}.png")
+        for metric in SWEEP_METRICS
+        if metric in comparison.columns
+    ]
+    return comparison, figures
+
+
+def log_to_wandb(cfg: DictConfig, analyses: list[RunAnalysis], comparison: Optional[pl.DataFrame], reports: list[Path]) -> None:
+    """One W&B run per analysis: per-head tables (never per-token rows: W&B tables stop at 200k), figures, report."""
+    import wandb
+
+    name = analyses[0].label if len(analyses) == 1 else f"compare-{len(analyses)}-runs"
+    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, job_type="analysis",
+                     name=name, config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+    try:
+        for a in analyses:
+            prefix = "" if len(analyses) == 1 else f"{a.label}/"
+            run.log({
+                f"{prefix}heads": wandb.Table(dataframe=a.heads.to_pandas()),
+                f"{prefix}correlations": wandb.Table(dataframe=a.correlations.to_pandas()),
+                **{f"{prefix}figures/{path.stem}": wandb.Image(str(path)) for path in a.figures},
+            })  # fmt: skip
+            top = head_stats.strongest_heads(a.correlations, "entropy", 1)
+            if top.height:
+                run.summary[f"{prefix}strongest_head"] = f"L{top['layer'][0]}H{top['head'][0]}"
+                run.summary[f"{prefix}strongest_spearman_r"] = top["spearman_r"][0]
+        if comparison is not None:
+            run.log({"comparison": wandb.Table(dataframe=comparison.to_pandas())})
+        artifact = wandb.Artifact(f"analysis-{run.id}", type="analysis")
+        for path in reports:
+            artifact.add_file(str(path), name=f"{path.parent.name}-{path.parent.parent.name}-{path.name}")
+        run.log_artifact(artifact)
+    finally:
+        run.finish()
+
+
+def unique_labels(runs: list[Path]) -> list[str]:
+    labels = [run.name for run in runs]
+    return [label if labels.count(label) == 1 else f"{label}-{i}" for i, label in enumerate(labels)]
+
+
+def analyze(cfg: DictConfig) -> list[Path]:
+    """Everything; returns the report paths (one per run, then the comparison's)."""
+    cfg = checked_config(cfg)
+    runs, sweep = find_runs(cfg.run_dir)
+    several = len(runs) > 1
+    base = Path(cfg.output_dir) if cfg.output_dir else None
+    labels = unique_labels(runs)
+    analyses = [
+        analyze_run(run, (base / label if several else base) if base else run / "analysis", label, cfg)
+        for run, label in zip(runs, labels)
+    ]
+    reports = [a.out / "report.md" for a in analyses]
+    comparison = None
+    if several:
+        out = base or (sweep or Path(os.path.commonpath(runs))) / "analysis"
+        comparison, figures = compare_runs(analyses, out)
+        report.write_sweep_report(analyses, comparison, figures, out / "report.md")
+        duckdb_views([(a.label, a.run, a.out, a.metrics) for a in analyses], out / "duckdb_views.sql")
+        reports.append(out / "report.md")
+    for a in analyses:
+        print(report.console_summary(a, cfg.skip_positions))
+    if several:
+        print(f"comparison of {len(analyses)} runs: {reports[-1]}")
+    if cfg.logger == "wandb":
+        log_to_wandb(cfg, analyses, comparison, reports)
+    return reports
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    try:
+        analyze(cfg)
+    except SpectraError as error:
+        print(f"spectra.analyze: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

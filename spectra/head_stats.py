@@ -1,0 +1,172 @@
+"""Per-(layer, head) statistics of a run's metric rows: pure polars queries, LazyFrame in, DataFrame out.
+
+No files, no figures: spectra/analyze.py feeds these a `scan_parquet` of a run and writes what they return.
+
+    head_summary        count, mean, std, min, quantiles, max of every metric, per (layer, head)
+    head_correlations   Pearson and Spearman r of query_norm with every other metric, n and p-values
+    position_profile    mean of every metric per (layer, token position)
+    layer_comparison    per-layer means of one run, from its head summary (rows of a sweep comparison)
+
+Memory: the summary and correlations need a group's rows at once (quantiles, ranks), so `by_layer` runs them
+one layer at a time; a pass holds one layer's rows of the columns it reads. The position profile is means only
+and streams in a single pass.
+
+    python -m pytest tests/test_analyze.py
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import polars as pl
+from scipy import stats
+
+KEY_NAMES = ("sample_id", "layer", "head", "token_pos")
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+# Derived, never stored (issue 8): entropy relative to the uniform distribution's ln(t+1) over the t+1 keys a
+# causal query sees, and k_eff as a fraction of those keys. Undefined (null) where ln(t+1) = 0, i.e. t = 0.
+RATIOS = {
+    "entropy_normalized": ("entropy", lambda t: (t + 1).cast(pl.Float64).log()),
+    "k_eff_fraction": ("k_eff", lambda t: (t + 1).cast(pl.Float64)),
+}
+
+
+CORRELATION_SCHEMA = {
+    "layer": pl.Int16, "head": pl.Int16, "x": pl.String, "y": pl.String, "n": pl.Int64,
+    "pearson_r": pl.Float64, "pearson_p": pl.Float64, "spearman_r": pl.Float64, "spearman_p": pl.Float64,
+}  # fmt: skip
+
+
+def metric_columns(lf: pl.LazyFrame) -> list[str]:
+    """The metric columns a run holds, in file order: whatever is not a key (restricted or extended sets alike)."""
+    schema = lf.collect_schema()
+    return [name for name, dtype in schema.items() if name not in KEY_NAMES and dtype.is_numeric()]
+
+
+def with_ratios(lf: pl.LazyFrame) -> pl.LazyFrame:
+    """Adds the derived ratio columns whose base metric is present; metrics become Float64 for exact sums."""
+    metrics = metric_columns(lf)
+    t = pl.col("token_pos")
+    lf = lf.with_columns(pl.col(metrics).cast(pl.Float64))
+    derived = [
+        pl.when(t > 0).then(pl.col(base) / denominator(t)).otherwise(None).alias(name)
+        for name, (base, denominator) in RATIOS.items()
+        if base in metrics
+    ]
+    return lf.with_columns(derived) if derived else lf
+
+
+def quantile_name(q: float) -> str:
+    return f"q{round(q * 100):02d}"
+
+
+def head_summary(lf: pl.LazyFrame, quantiles: Sequence[float] = QUANTILES) -> pl.DataFrame:
+    """One row per (layer, head): `<metric>_count/mean/std/min/qNN/max` for every metric and ratio.
+
+    count excludes nulls (the ratios are null at t = 0); std has ddof = 1; quantiles interpolate linearly
+    (numpy's default).
+    """
+    lf = with_ratios(lf)
+    aggregations = []
+    for name in metric_columns(lf):
+        column = pl.col(name)
+        aggregations += [
+            column.count().alias(f"{name}_count"),
+            column.mean().alias(f"{name}_mean"),
+            column.std().alias(f"{name}_std"),
+            column.min().alias(f"{name}_min"),
+            *[column.quantile(q, interpolation="linear").alias(f"{name}_{quantile_name(q)}") for q in quantiles],
+            column.max().alias(f"{name}_max"),
+        ]
+    return lf.group_by("layer", "head").agg(aggregations).sort("layer", "head").collect(engine="streaming")
+
+
+def t_test_p(r: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Two-sided p-value of a correlation r from n pairs under H0: rho = 0, via t = r sqrt((n-2) / (1-r^2)).
+
+    This is scipy.stats.pearsonr's exact p for normal data (its beta distribution is the same law) and
+    scipy.stats.spearmanr's p. NaN where r is undefined or n < 3.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    dof = np.asarray(n, dtype=np.float64) - 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = r * np.sqrt(dof / ((1 - r) * (1 + r)))  # (1-r)(1+r): no cancellation near |r| = 1
+        p = 2 * stats.t.sf(np.abs(t), dof)
+    p = np.where(np.abs(r) >= 1, 0.0, p)
+    return np.where((dof > 0) & np.isfinite(r), p, np.nan)
+
+
+def head_correlations(lf: pl.LazyFrame, skip_positions: int = 2, x: str = "query_norm") -> pl.DataFrame:
+    """Long table, one row per (layer, head, y): n, pearson_r/p, spearman_r/p of x with every other metric y.
+
+    Positions t < skip_positions are left out (at t = 0 a query sees one key: entropy 0, max_attn 1, k_eff 1,
+    whatever its norm). Spearman ranks are taken within each (layer, head), ties get their average rank.
+    Empty when x is not in the run.
+    """
+    metrics = metric_columns(lf)
+    if x not in metrics:
+        return pl.DataFrame(schema=CORRELATION_SCHEMA)
+    lf = lf.filter(pl.col("token_pos") >= skip_positions).with_columns(pl.col(metrics).cast(pl.Float64))
+    tables = []
+    for y in (m for m in metrics if m != x):
+        pairs = lf.select("layer", "head", x, y).drop_nulls().drop_nans()
+        table = pairs.group_by("layer", "head").agg(
+            pl.len().cast(pl.Int64).alias("n"),
+            pl.corr(x, y, method="pearson").alias("pearson_r"),
+            pl.corr(x, y, method="spearman").alias("spearman_r"),
+        )
+        tables.append(table.with_columns(pl.lit(x).alias("x"), pl.lit(y).alias("y")))
+    table = pl.concat(tables).collect(engine="streaming")
+    return (
+        table.with_columns(
+            pl.Series("pearson_p", t_test_p(table["pearson_r"].to_numpy(), table["n"].to_numpy())),
+            pl.Series("spearman_p", t_test_p(table["spearman_r"].to_numpy(), table["n"].to_numpy())),
+        )
+        .select(list(CORRELATION_SCHEMA))
+        .sort("y", "layer", "head")
+    )
+
+
+def by_layer(query: Callable[[pl.LazyFrame], pl.DataFrame], lf: pl.LazyFrame, layers: Sequence[int]) -> pl.DataFrame:
+    """`query` run on each layer's rows alone, results stacked: bounds memory to one layer's rows."""
+    parts = [query(lf.filter(pl.col("layer") == layer)) for layer in layers]
+    parts = [part for part in parts if part.height]
+    return pl.concat(parts) if parts else query(lf.head(0))
+
+
+def layers_of(lf: pl.LazyFrame) -> list[int]:
+    return sorted(lf.select(pl.col("layer").unique()).collect(engine="streaming")["layer"].to_list())
+
+
+def position_profile(lf: pl.LazyFrame) -> pl.DataFrame:
+    """One row per (layer, token_pos): rows (count) and the mean of every metric and ratio over heads and samples."""
+    lf = with_ratios(lf)
+    metrics = metric_columns(lf)
+    return (
+        lf.group_by("layer", "token_pos")
+        .agg(pl.len().alias("rows"), *[pl.col(m).mean() for m in metrics])
+        .sort("layer", "token_pos")
+        .collect(engine="streaming")
+    )
+
+
+def layer_comparison(heads: pl.DataFrame, correlations: pl.DataFrame) -> pl.DataFrame:
+    """One row per layer: every metric's mean over all its heads' rows (count-weighted, so exact), and the mean
+    over heads of each query_norm correlation's Spearman r (`r_<y>`)."""
+    means = [c[: -len("_mean")] for c in heads.columns if c.endswith("_mean")]
+    table = heads.group_by("layer").agg(
+        [((pl.col(f"{m}_mean") * pl.col(f"{m}_count")).sum() / pl.col(f"{m}_count").sum()).alias(m) for m in means]
+    )
+    if correlations.height:
+        r = correlations.pivot(on="y", index=["layer", "head"], values="spearman_r")
+        r = r.group_by("layer").agg([pl.col(y).mean().alias(f"r_{y}") for y in r.columns if y not in ("layer", "head")])
+        table = table.join(r, on="layer", how="left")
+    return table.sort("layer")
+
+
+def strongest_heads(correlations: pl.DataFrame, y: str = "entropy", top: int = 5) -> pl.DataFrame:
+    """The `top` heads whose query_norm-vs-y Spearman |r| is largest (NaN r last)."""
+    table = correlations.filter(pl.col("y") == y).with_columns(pl.col("spearman_r").fill_nan(None))
+    return table.sort(pl.col("spearman_r").abs(), descending=True, nulls_last=True).head(top)
+
