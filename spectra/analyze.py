@@ -30,6 +30,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spectra import head_stats, plots, report
+from spectra.config import LoggerConfig, register_configs
 from spectra.errors import ConfigError, SpectraError
 from spectra.exports import duckdb_views, export_csv
 from spectra.writer import write_parquet_atomic
@@ -41,13 +42,6 @@ SWEEP_METRICS = ("entropy", "k_eff", "max_attn")
 
 
 @dataclass
-class WandbConfig:
-    project: str = "spectra"  # W&B project the analysis run is logged to
-    entity: Optional[str] = None  # W&B team or user; None: the logged-in default
-    mode: Optional[str] = None  # online | offline | disabled; None: W&B's default (WANDB_MODE)
-
-
-@dataclass
 class AnalyzeConfig:
     run_dir: Any = None  # a run folder, a list of them ([a,b]), or a multirun (sweep) folder holding runs
     output_dir: Optional[str] = None  # None: <run>/analysis for each run, <sweep>/analysis for the comparison
@@ -55,17 +49,19 @@ class AnalyzeConfig:
     heads: list[Any] = field(default_factory=list)  # [[layer, head], ...] for density plots; []: the strongest
     top_heads: int = 4  # rows of the report's strongest-heads table; density plots when `heads` is empty
     export: str = "none"  # none | csv: also write analysis/metrics.csv (the prototype's CSV layout)
-    logger: str = "none"  # none | wandb: log tables, figures and the report to W&B
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    # The capture's logger group (conf/logger/): logger=wandb logs tables, figures and the report to W&B.
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+register_configs()  # the logger group's schema
 ConfigStore.instance().store(name="base_analyze", node=AnalyzeConfig)
 
 
 def checked_config(cfg: DictConfig) -> DictConfig:
     """Merged into the schema again (catches `+key=` overrides) and range-checked; ConfigError names the key."""
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(AnalyzeConfig), cfg)
+        # A plain container: merging the composed DictConfig itself keeps `+` keys (its struct flag travels along).
+        cfg = OmegaConf.merge(OmegaConf.structured(AnalyzeConfig), OmegaConf.to_container(cfg, resolve=True))
     except Exception as error:
         raise ConfigError(getattr(error, "full_key", None) or "config", str(error).splitlines()[0]) from None
     if cfg.run_dir in (None, "", []):
@@ -76,8 +72,8 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("top_heads", f"must be >= 1, got {cfg.top_heads}")
     if cfg.export not in ("none", "csv"):
         raise ConfigError("export", f"must be none or csv, got {cfg.export!r}")
-    if cfg.logger not in ("none", "wandb"):
-        raise ConfigError("logger", f"must be none or wandb, got {cfg.logger!r}")
+    if cfg.logger.name not in ("none", "wandb"):
+        raise ConfigError("logger.name", f"must be none or wandb, got {cfg.logger.name!r}")
     for pair in cfg.heads:
         if not (isinstance(pair, (list, ListConfig)) and len(pair) == 2 and all(isinstance(i, int) for i in pair)):
             raise ConfigError("heads", f"each entry must be [layer, head], got {pair!r}; e.g. heads=[[0,3],[2,5]]")
@@ -139,13 +135,17 @@ class RunAnalysis:
     figures: list[Path]
 
 
-def density_heads(cfg: DictConfig, heads: pl.DataFrame, correlations: pl.DataFrame) -> list[tuple[int, int]]:
+def check_heads(heads: list, layers: list[int], n_heads: int) -> None:
+    """Before any work: each requested [layer, head] must exist in the run."""
+    for layer, head in heads:
+        if layer not in layers or not 0 <= head < n_heads:
+            raise ConfigError("heads", f"[{layer}, {head}] is not in the run ({len(layers)} layers x {n_heads} heads, "
+                              "counted from 0)")  # fmt: skip
+
+
+def density_heads(cfg: DictConfig, correlations: pl.DataFrame) -> list[tuple[int, int]]:
+    """The heads asked for, or else the strongest query_norm-vs-entropy heads."""
     if cfg.heads:
-        known = set(zip(heads["layer"].to_list(), heads["head"].to_list()))
-        for layer, head in cfg.heads:
-            if (layer, head) not in known:
-                raise ConfigError("heads", f"[{layer}, {head}] is not in the run ({heads['layer'].max() + 1} layers x "
-                                  f"{heads['head'].max() + 1} heads, counted from 0)")  # fmt: skip
         return [tuple(pair) for pair in cfg.heads]
     strongest = head_stats.strongest_heads(correlations, "entropy", cfg.top_heads)
     return list(zip(strongest["layer"].to_list(), strongest["head"].to_list()))
@@ -156,6 +156,7 @@ def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysi
     record = run_record(run)
     metrics = head_stats.metric_columns(lf)
     layers = head_stats.layers_of(lf)
+    check_heads(cfg.heads, layers, int(lf.select(pl.col("head").max()).collect().item()) + 1)
 
     heads = head_stats.by_layer(head_stats.head_summary, lf, layers)
     correlations = head_stats.by_layer(lambda rows: head_stats.head_correlations(rows, cfg.skip_positions), lf, layers)
@@ -175,7 +176,7 @@ def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysi
     if shown:
         figures.append(plots.position_curves(profile, shown, out / "figures" / "position_profiles.png", label))
     if {"query_norm", "entropy"} <= set(metrics) and correlations.height:
-        chosen = density_heads(cfg, heads, correlations)
+        chosen = density_heads(cfg, correlations)
         points = [
             (layer, head, rows["query_norm"].to_numpy(), rows["entropy"].to_numpy())
             for layer, head in chosen
@@ -233,13 +234,36 @@ def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, 
     return comparison, figures
 
 
+def wandb_mode(mode: str) -> Optional[str]:
+    """logger.mode as the capture reads it. auto: WANDB_MODE when set, else online with credentials, else offline
+    (never a login prompt)."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return None
+    netrc = Path.home() / ".netrc"
+    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+    return "online" if logged_in else "offline"
+
+
 def log_to_wandb(cfg: DictConfig, analyses: list[RunAnalysis], comparison: Optional[pl.DataFrame], reports: list[Path]) -> None:
-    """One W&B run per analysis: per-head tables (never per-token rows: W&B tables stop at 200k), figures, report."""
+    """One W&B run per analysis: per-head tables (never per-token rows: W&B tables stop at 200k), figures, report.
+    Its files go to <analysis folder>/wandb, as a capture's go to <run>/wandb."""
     import wandb
 
     name = analyses[0].label if len(analyses) == 1 else f"compare-{len(analyses)}-runs"
-    run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, mode=cfg.wandb.mode, job_type="analysis",
-                     name=name, config=OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+    setting = lambda key, default: OmegaConf.select(cfg, f"logger.{key}", default=default)  # noqa: E731
+    run = wandb.init(
+        project=setting("project", "spectra"),
+        entity=setting("entity", None),
+        group=setting("group", None),
+        tags=list(setting("tags", [])),
+        mode=wandb_mode(setting("mode", "auto")),
+        job_type="analysis",
+        name=name,
+        dir=str(reports[-1].parent),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     try:
         for a in analyses:
             prefix = "" if len(analyses) == 1 else f"{a.label}/"
@@ -290,7 +314,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
         print(report.console_summary(a, cfg.skip_positions))
     if several:
         print(f"comparison of {len(analyses)} runs: {reports[-1]}")
-    if cfg.logger == "wandb":
+    if cfg.logger.name == "wandb":
         log_to_wandb(cfg, analyses, comparison, reports)
     return reports
 
