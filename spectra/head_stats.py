@@ -153,14 +153,17 @@ def position_profile(lf: pl.LazyFrame) -> pl.DataFrame:
 
 def layer_comparison(heads: pl.DataFrame, correlations: pl.DataFrame) -> pl.DataFrame:
     """One row per layer: every metric's mean over all its heads' rows (count-weighted, so exact), and the mean
-    over heads of each query_norm correlation's Spearman r (`r_<y>`)."""
+    over heads of each query_norm correlation's Spearman r (`r_<y>`, over the heads where r is defined)."""
     means = [c[: -len("_mean")] for c in heads.columns if c.endswith("_mean")]
     table = heads.group_by("layer").agg(
         [((pl.col(f"{m}_mean") * pl.col(f"{m}_count")).sum() / pl.col(f"{m}_count").sum()).alias(m) for m in means]
     )
     if correlations.height:
         r = correlations.pivot(on="y", index=["layer", "head"], values="spearman_r")
-        r = r.group_by("layer").agg([pl.col(y).mean().alias(f"r_{y}") for y in r.columns if y not in ("layer", "head")])
+        # A head whose y never varies (k_eff always 1) has no r; average over the heads that have one.
+        r = r.group_by("layer").agg(
+            [pl.col(y).fill_nan(None).mean().alias(f"r_{y}") for y in r.columns if y not in ("layer", "head")]
+        )
         table = table.join(r, on="layer", how="left")
     return table.sort("layer")
 

@@ -30,7 +30,9 @@ def number(value) -> str:
 def markdown_table(table: pl.DataFrame, headers: Sequence[str] | None = None) -> str:
     headers = list(headers or table.columns)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(number(v) for v in row) + " |" for row in table.iter_rows()]
+    # A p-value below the smallest double underflows to 0; say so rather than print an impossible 0.
+    cell = lambda header, v: "< 1e-300" if header.endswith("_p") and v == 0 else number(v)  # noqa: E731
+    lines += ["| " + " | ".join(cell(h, v) for h, v in zip(headers, row)) + " |" for row in table.iter_rows()]
     return "\n".join(lines)
 
 

@@ -112,6 +112,15 @@ def test_p_values_at_the_edges():
     assert p[4] == pytest.approx(1.0)
 
 
+def test_layer_comparison_weights_by_count_and_skips_undefined_r():
+    heads = pl.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "entropy_mean": [1.0, 4.0, 2.0], "entropy_count": [3, 1, 5]})
+    correlations = pl.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "y": ["k_eff"] * 3,
+                                 "spearman_r": [0.5, float("nan"), -0.25]})  # fmt: skip
+    table = head_stats.layer_comparison(heads, correlations)
+    assert table["entropy"].to_list() == [(3 * 1.0 + 1 * 4.0) / 4, 2.0]
+    assert table["r_k_eff"].to_list() == [0.5, -0.25]
+
+
 def test_position_profile_matches_numpy(run, rows):
     profile = head_stats.position_profile(scan(run))
     assert profile.height == 3 * 32
