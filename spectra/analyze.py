@@ -96,7 +96,8 @@ def find_runs(run_dir: Any) -> tuple[list[Path], Optional[Path]]:
     runs, sweep = [], None
     for name in map(Path, map(str, given)):
         if not name.is_dir():
-            raise ConfigError("run_dir", f"{name} is not a folder; give a run folder (holding metrics/) or a sweep folder")
+            message = f"{name} is not a folder; give a run folder (holding metrics/) or a sweep folder"
+            raise ConfigError("run_dir", message)
         if is_run(name):
             runs.append(name)
             continue
@@ -151,6 +152,38 @@ def density_heads(cfg: DictConfig, correlations: pl.DataFrame) -> list[tuple[int
     return list(zip(strongest["layer"].to_list(), strongest["head"].to_list()))
 
 
+def head_rows(lf: pl.LazyFrame, layer: int, head: int, skip_positions: int, columns: list[str]) -> pl.DataFrame:
+    """One head's rows (1 / (layers x heads) of the run), positions t < skip_positions left out."""
+    chosen = (pl.col("layer") == layer) & (pl.col("head") == head) & (pl.col("token_pos") >= skip_positions)
+    return lf.filter(chosen).select(pl.col(columns).cast(pl.Float64)).collect(engine="streaming")
+
+
+def run_figures(
+    lf: pl.LazyFrame, label: str, heads: pl.DataFrame, correlations: pl.DataFrame, profile: pl.DataFrame,
+    cfg: DictConfig, folder: Path,
+) -> list[Path]:  # fmt: skip
+    """Heatmaps of every metric's mean and every correlation's r, position profiles, density plots."""
+    figures = [
+        plots.head_heatmap(heads, f"{metric}_mean", f"{label}: mean {metric}", folder / f"heatmap_{metric}.png")
+        for metric in HEATMAP_METRICS
+        if f"{metric}_mean" in heads.columns
+    ]
+    for y in correlations["y"].unique().sort().to_list():
+        title = f"{label}: Spearman r(query_norm, {y}), t >= {cfg.skip_positions}"
+        rows = correlations.filter(pl.col("y") == y)
+        figures.append(plots.head_heatmap(rows, "spearman_r", title, folder / f"heatmap_r_{y}.png", diverging=True))
+    shown = [m for m in PROFILE_METRICS if m in profile.columns]
+    if shown:
+        figures.append(plots.position_curves(profile, shown, folder / "position_profiles.png", label))
+    if correlations.filter(pl.col("y") == "entropy").height:
+        points = []
+        for layer, head in density_heads(cfg, correlations):
+            rows = head_rows(lf, layer, head, cfg.skip_positions, ["query_norm", "entropy"])
+            points.append((layer, head, rows["query_norm"].to_numpy(), rows["entropy"].to_numpy()))
+        figures.append(plots.density_panels(points, "query_norm", "entropy", folder / "density_query_norm_entropy.png"))
+    return figures
+
+
 def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
     lf = scan_metrics(run)
     record = run_record(run)
@@ -165,27 +198,7 @@ def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysi
     for name, table in (("heads", heads), ("correlations", correlations), ("positions", profile)):
         write_parquet_atomic(table.to_arrow(), out / f"{name}.parquet")
 
-    figures = []
-    for metric in (m for m in HEATMAP_METRICS if f"{m}_mean" in heads.columns):
-        figures.append(plots.head_heatmap(heads, f"{metric}_mean", f"{label}: mean {metric}", out / "figures" / f"heatmap_{metric}.png"))
-    for y in correlations["y"].unique().sort().to_list():
-        rows = correlations.filter(pl.col("y") == y)
-        figures.append(plots.head_heatmap(rows, "spearman_r", f"{label}: Spearman r(query_norm, {y}), t >= {cfg.skip_positions}",
-                                          out / "figures" / f"heatmap_r_{y}.png", diverging=True))  # fmt: skip
-    shown = [m for m in PROFILE_METRICS if m in profile.columns]
-    if shown:
-        figures.append(plots.position_curves(profile, shown, out / "figures" / "position_profiles.png", label))
-    if {"query_norm", "entropy"} <= set(metrics) and correlations.height:
-        chosen = density_heads(cfg, correlations)
-        points = [
-            (layer, head, rows["query_norm"].to_numpy(), rows["entropy"].to_numpy())
-            for layer, head in chosen
-            # One head's rows at a time: 1/(layers x heads) of the run.
-            for rows in [lf.filter((pl.col("layer") == layer) & (pl.col("head") == head) & (pl.col("token_pos") >= cfg.skip_positions))
-                         .select(pl.col("query_norm", "entropy").cast(pl.Float64)).collect(engine="streaming")]
-        ]  # fmt: skip
-        figures.append(plots.density_panels(points, "query_norm", "entropy", out / "figures" / "density_query_norm_entropy.png"))
-
+    figures = run_figures(lf, label, heads, correlations, profile, cfg, out / "figures")
     analysis = RunAnalysis(label, run, out, record, metrics, heads, correlations, profile, figures)
     report.write_run_report(analysis, cfg.skip_positions, cfg.top_heads, out / "report.md")
     duckdb_views([(label, run, out, metrics)], out / "duckdb_views.sql")
@@ -246,7 +259,9 @@ def wandb_mode(mode: str) -> Optional[str]:
     return "online" if logged_in else "offline"
 
 
-def log_to_wandb(cfg: DictConfig, analyses: list[RunAnalysis], comparison: Optional[pl.DataFrame], reports: list[Path]) -> None:
+def log_to_wandb(
+    cfg: DictConfig, analyses: list[RunAnalysis], comparison: Optional[pl.DataFrame], reports: list[Path]
+) -> None:
     """One W&B run per analysis: per-head tables (never per-token rows: W&B tables stop at 200k), figures, report.
     Its files go to <analysis folder>/wandb, as a capture's go to <run>/wandb."""
     import wandb
@@ -260,7 +275,7 @@ def log_to_wandb(cfg: DictConfig, analyses: list[RunAnalysis], comparison: Optio
         tags=list(setting("tags", [])),
         mode=wandb_mode(setting("mode", "auto")),
         job_type="analysis",
-        name=name,
+        name=setting("run_name", None) or name,
         dir=str(reports[-1].parent),
         config=OmegaConf.to_container(cfg, resolve=True),
     )

@@ -45,27 +45,28 @@ def duckdb_views(runs: Sequence[tuple[str, Path, Path, Sequence[str]]], path: Pa
     so one script serves a single run and a sweep alike.
     """
 
-    def union(select: str, source) -> str:
-        return "\nUNION ALL BY NAME\n".join(
-            f"SELECT {sql_string(label)} AS run, {select(metrics)} FROM read_parquet({sql_string(str(source(run_dir, analysis_dir).resolve()))})"
+    def view(name: str, columns, files) -> str:
+        """columns(metrics) -> SELECT list; files(run dir, analysis dir) -> the Parquet path or glob."""
+        selects = [
+            f"SELECT {sql_string(label)} AS run, {columns(metrics)} "
+            f"FROM read_parquet({sql_string(str(files(run_dir, analysis_dir).resolve()))})"
             for label, run_dir, analysis_dir, metrics in runs
-        )
+        ]
+        return f"CREATE OR REPLACE VIEW {name} AS\n" + "\nUNION ALL BY NAME\n".join(selects) + ";"
 
-    def metric_select(metrics: Sequence[str]) -> str:
+    def with_ratios(metrics: Sequence[str]) -> str:
         return ", ".join(["*"] + [f"{sql} AS {name}" for name, (base, sql) in SQL_RATIOS.items() if base in metrics])
 
+    every = lambda _: "*"  # noqa: E731
     statements = [
         "-- Views over Spectra Parquet files, written by `python -m spectra.analyze`.\n"
         "-- duckdb -init duckdb_views.sql    or, in Python: duckdb.execute(open('duckdb_views.sql').read())",
-        "CREATE OR REPLACE VIEW metrics AS\n" + union(metric_select, lambda run, _: run / "metrics" / "part-*.parquet") + ";",
+        view("metrics", with_ratios, lambda run, _: run / "metrics" / "part-*.parquet"),
     ]
     # DuckDB reads a view's files when it is created: leave samples out if a run never wrote them.
     if all((run_dir / "samples.parquet").is_file() for _, run_dir, _, _ in runs):
-        statements.append("CREATE OR REPLACE VIEW samples AS\n" + union(lambda _: "*", lambda run, _: run / "samples.parquet") + ";")
-    statements += [
-        f"CREATE OR REPLACE VIEW {table} AS\n" + union(lambda _: "*", lambda _, out, t=table: out / f"{t}.parquet") + ";"
-        for table in ANALYSIS_TABLES
-    ]
+        statements.append(view("samples", every, lambda run, _: run / "samples.parquet"))
+    statements += [view(t, every, lambda _, out, t=t: out / f"{t}.parquet") for t in ANALYSIS_TABLES]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(statements) + "\n")
     return path

@@ -59,7 +59,7 @@ def describe_run(a: "RunAnalysis") -> str:
 
 
 def figure_links(figures: Sequence[Path], out: Path) -> list[str]:
-    return [f"![{path.stem}]({Path(os.path.relpath(path, out)).as_posix()})" for path in figures]
+    return [f"![{path.stem}]({relative(path, out)})" for path in figures]
 
 
 def write_run_report(a: "RunAnalysis", skip_positions: int, top: int, path: Path) -> Path:
@@ -93,16 +93,23 @@ def write_run_report(a: "RunAnalysis", skip_positions: int, top: int, path: Path
         "- `heads.parquet`: per (layer, head), `<metric>_count/mean/std/min/q05/q25/q50/q75/q95/max`",
         "- `correlations.parquet`: per (layer, head, y), n, pearson_r/p, spearman_r/p of query_norm with y",
         "- `positions.parquet`: per (layer, token_pos), mean of every metric",
-        "- `duckdb_views.sql`: `duckdb -init duckdb_views.sql` gives views metrics, samples, heads, correlations, positions",
+        "- `duckdb_views.sql`: `duckdb -init duckdb_views.sql` gives views metrics (with the ratios), samples, heads, "
+        "correlations, positions",
         "",
     ]
     path.write_text("\n".join(lines))
     return path
 
 
-def write_sweep_report(analyses: Sequence["RunAnalysis"], comparison: pl.DataFrame, figures: Sequence[Path], path: Path) -> Path:
+def relative(target: Path, folder: Path) -> str:
+    return Path(os.path.relpath(target, folder)).as_posix()
+
+
+def write_sweep_report(
+    analyses: Sequence["RunAnalysis"], comparison: pl.DataFrame, figures: Sequence[Path], path: Path
+) -> Path:
     lines = [f"# Spectra comparison of {len(analyses)} runs", ""]
-    lines += [f"- [{a.label}]({Path(os.path.relpath(a.out / 'report.md', path.parent)).as_posix()}): `{a.run}`" for a in analyses]
+    lines += [f"- [{a.label}]({relative(a.out / 'report.md', path.parent)}): `{a.run}`" for a in analyses]
     lines += ["", "## Per-layer means by run (`comparison.parquet`)", "", markdown_table(comparison)]
     lines += ["", "## Figures", "", *figure_links(figures, path.parent), ""]
     path.write_text("\n".join(lines))
@@ -114,8 +121,8 @@ def console_summary(a: "RunAnalysis", skip_positions: int) -> str:
     top = strongest_heads(a.correlations, "entropy", 3)
     for row in top.iter_rows(named=True):
         lines.append(
-            f"  layer {row['layer']:>2} head {row['head']:>2}: Spearman r(query_norm, entropy) = {number(row['spearman_r'])} "
-            f"(p = {number(row['spearman_p'])}, n = {row['n']:,}, t >= {skip_positions})"
+            f"  layer {row['layer']:>2} head {row['head']:>2}: Spearman r(query_norm, entropy) = "
+            f"{number(row['spearman_r'])} (p = {number(row['spearman_p'])}, n = {row['n']:,}, t >= {skip_positions})"
         )
     lines.append(f"  figures    {len(a.figures)} PNG in {a.out / 'figures'}")
     return "\n".join(lines)
