@@ -36,7 +36,9 @@ from spectra.exports import duckdb_views, export_csv
 from spectra.writer import write_parquet_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-HEATMAP_METRICS = ("entropy", "max_attn", "k_eff", "query_norm", "entropy_normalized", "k_eff_fraction")
+HEATMAP_METRICS = (
+    "entropy", "max_attn", "k_eff", "query_norm", "entropy_normalized", "k_eff_fraction", "sink_attn", "attn_distance",
+)  # fmt: skip
 PROFILE_METRICS = ("entropy", "entropy_normalized", "k_eff", "k_eff_fraction")
 SWEEP_METRICS = ("entropy", "k_eff", "max_attn")
 
