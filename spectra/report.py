@@ -27,11 +27,15 @@ def number(value) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def p_text(p) -> str:
+    """A p-value below the smallest double underflows to 0; say so rather than print an impossible 0."""
+    return "< 1e-300" if p == 0 else f"= {number(p)}"
+
+
 def markdown_table(table: pl.DataFrame, headers: Sequence[str] | None = None) -> str:
     headers = list(headers or table.columns)
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    # A p-value below the smallest double underflows to 0; say so rather than print an impossible 0.
-    cell = lambda header, v: "< 1e-300" if header.endswith("_p") and v == 0 else number(v)  # noqa: E731
+    cell = lambda header, v: p_text(v).lstrip("= ") if header.endswith("_p") else number(v)  # noqa: E731
     lines += ["| " + " | ".join(cell(h, v) for h, v in zip(headers, row)) + " |" for row in table.iter_rows()]
     return "\n".join(lines)
 
@@ -122,7 +126,7 @@ def console_summary(a: "RunAnalysis", skip_positions: int) -> str:
     for row in top.iter_rows(named=True):
         lines.append(
             f"  layer {row['layer']:>2} head {row['head']:>2}: Spearman r(query_norm, entropy) = "
-            f"{number(row['spearman_r'])} (p = {number(row['spearman_p'])}, n = {row['n']:,}, t >= {skip_positions})"
+            f"{number(row['spearman_r'])} (p {p_text(row['spearman_p'])}, n = {row['n']:,}, t >= {skip_positions})"
         )
     lines.append(f"  figures    {len(a.figures)} PNG in {a.out / 'figures'}")
     return "\n".join(lines)
