@@ -20,6 +20,7 @@ from spectra.metrics import DEFAULT_METRIC_FIELDS
 from spectra.metrics import METRIC_FIELDS as METRIC_NAMES
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
 @dataclass
@@ -80,6 +81,16 @@ class HardwareConfig:
 @dataclass
 class LoggerConfig:
     name: str = "none"  # none | wandb
+    # auto: online when W&B credentials exist (WANDB_API_KEY or `wandb login`), offline otherwise, never a
+    # prompt; a WANDB_MODE environment variable decides instead when set. online | offline | disabled: as asked.
+    mode: str = "auto"
+    project: str = "spectra"  # W&B project
+    entity: Optional[str] = None  # W&B user or team; None: the account's default entity
+    group: Optional[str] = None  # runs shown together; None: one group per multirun (its sweep directory)
+    tags: list[str] = field(default_factory=list)  # W&B run tags
+    job_type: str = "capture"  # W&B job type, to filter captures from analysis runs
+    run_name: Optional[str] = None  # None: the model name followed by the command-line overrides
+    quantiles: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.5, 0.75, 0.95])  # in summary tables
 
 
 @dataclass
@@ -146,6 +157,11 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         "metrics.storage_dtype",
         f"must be float32 or float16, got {cfg.metrics.storage_dtype!r}",
     )
+    _require(cfg.logger.name in ("none", "wandb"), "logger.name", f"must be none or wandb, got {cfg.logger.name!r}")
+    _require(
+        cfg.logger.mode in LOGGER_MODES, "logger.mode", f"must be one of {', '.join(LOGGER_MODES)}, got {cfg.logger.mode!r}"
+    )
+    _require(all(0 <= q <= 1 for q in cfg.logger.quantiles), "logger.quantiles", "must lie in [0, 1]")
     device = cfg.hardware.device
     _require(
         device == "cpu" or device == "cuda" or device.startswith("cuda:"),

@@ -5,6 +5,9 @@
     python -m spectra.run model=llama3_8b hardware=h100 data=slimpajama
     python -m spectra.run -m data.context_length=256,512 data.n_samples=4,8     # a sweep
     python -m spectra.run --cfg job                                   # show the composed config
+    python -m spectra.run -m +experiment=standard_sweep               # the study's standard sweep
+    python -m spectra.run -m hydra/launcher=submitit_local data.n_samples=4,8   # jobs as separate processes
+    torchrun --standalone --nproc_per_node=2 -m spectra.run           # ranks split the samples (distributed.py)
 
 Reads top to bottom: check config -> load model -> load samples -> capture batch by batch -> write -> report.
 """
@@ -28,14 +31,19 @@ import spectra
 from spectra.capture import AttentionCapture
 from spectra.config import checked_config, register_configs
 from spectra.data import load_samples
+from spectra.distributed import (
+    World, format_launch_time, gathered, joined, rank_device, same_directory, share, summed,
+)  # fmt: skip
 from spectra.errors import ConfigError, SpectraError
 from spectra.metrics import EXTENDED_METRIC_FIELDS
 from spectra.models import describe, load_model
+from spectra.tracking import Tracker, start_tracker
 from spectra.writer import PartWriter, metric_schema, write_json_atomic, write_samples
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
+OmegaConf.register_new_resolver("spectra.launch_time", format_launch_time, replace=True)  # conf/config.yaml
 
 
 def run_directory(cfg: DictConfig) -> Path:
@@ -60,10 +68,9 @@ def versions() -> dict[str, str]:
     }
 
 
-def capture(cfg: DictConfig) -> dict:
-    """The whole run; returns what run.json records."""
+def capture(cfg: DictConfig, out: Path, world: World = World(), tracker: Tracker = Tracker()) -> dict:
+    """The whole run (this rank's share of it under torchrun); returns what run.json records."""
     cfg = checked_config(cfg)
-    out = run_directory(cfg)
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
 
@@ -76,12 +83,15 @@ def capture(cfg: DictConfig) -> dict:
         )
     samples = load_samples(cfg.data, tokenizer, model.config.vocab_size)
     out.mkdir(parents=True, exist_ok=True)
-    write_samples(out / "samples.parquet", samples)
+    if world.is_main:
+        write_samples(out / "samples.parquet", samples)
+    own = share(samples, world)  # this rank's samples; all of them without torchrun
 
     names = list(cfg.metrics.names)
     schema = metric_schema(names, cfg.metrics.storage_dtype)
     batch_size = cfg.hardware.batch_size
     tokens_total = len(samples) * cfg.data.context_length
+    own_tokens = len(own) * cfg.data.context_length
     capture_started = time.perf_counter()
     with (
         AttentionCapture(
@@ -92,10 +102,12 @@ def capture(cfg: DictConfig) -> dict:
             extended=any(name in EXTENDED_METRIC_FIELDS for name in names),
         ) as attention,
         PartWriter(out / "metrics", schema) as writer,
-        tqdm(total=tokens_total, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True) as progress,
+        tqdm(
+            total=own_tokens, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, disable=not world.is_main
+        ) as progress,
     ):
-        for first in range(0, len(samples), batch_size):
-            batch = samples[first : first + batch_size]
+        for first in range(0, len(own), batch_size):
+            batch = own[first : first + batch_size]
             input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(model.device)  # (B, T)
             metrics = attention.run(input_ids)  # name -> (L, B, H, T), on the model's device
             # One device-to-host copy per metric per batch; the writer thread builds and writes the rows.
@@ -104,7 +116,18 @@ def capture(cfg: DictConfig) -> dict:
                 {name: metrics[name].cpu().numpy() for name in names},
             )
             progress.update(input_ids.numel())
+            done = first + len(batch)
+            tracker.log_progress(
+                samples=done,
+                samples_total=len(own),
+                tokens=done * cfg.data.context_length,
+                rows=done * shape["layers"] * shape["heads"] * cfg.data.context_length,
+                seconds=time.perf_counter() - capture_started,
+            )
     capture_seconds = time.perf_counter() - capture_started
+    # Every rank's parts are on disk once all ranks get here; run.json counts them all.
+    written = summed(world, rows=writer.rows, part_files=len(writer.files), metric_bytes=writer.bytes)
+    capture_seconds = max(gathered(world, capture_seconds))
 
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -114,21 +137,23 @@ def capture(cfg: DictConfig) -> dict:
         "counts": {
             "samples": len(samples),
             "tokens": tokens_total,
-            "rows": writer.rows,
+            "rows": written["rows"],
             "expected_rows": len(samples) * shape["layers"] * shape["heads"] * cfg.data.context_length,
-            "part_files": len(writer.files),
-            "metric_bytes": writer.bytes,
+            "part_files": written["part_files"],
+            "metric_bytes": written["metric_bytes"],
         },
         "timing": {
             "started_at": started_at,
             "wall_seconds": time.perf_counter() - started,
             "capture_seconds": capture_seconds,
             "tokens_per_second": tokens_total / capture_seconds,
-            "rows_per_second": writer.rows / capture_seconds,
+            "rows_per_second": written["rows"] / capture_seconds,
         },
         "output_dir": str(out.resolve()),
+        "world_size": world.size,
     }
-    write_json_atomic(record, out / "run.json")
+    if world.is_main:
+        write_json_atomic(record, out / "run.json")
     return record
 
 
@@ -150,11 +175,18 @@ def print_summary(record: dict) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
-        record = capture(cfg)
+        with joined() as world:
+            cfg = checked_config(cfg)
+            cfg.hardware.device = rank_device(cfg.hardware.device, world)
+            out = same_directory(world, run_directory(cfg))
+            with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
+                record = capture(cfg, out, world, tracker)
+                tracker.log_results(record)
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print_summary(record)
+    if world.is_main:
+        print_summary(record)
 
 
 if __name__ == "__main__":
