@@ -1,0 +1,77 @@
+"""Several processes: `torchrun --nproc_per_node=2` (gloo, CPU) captures exactly what one process captures.
+
+The two ranks split the samples, write their own parts into one run directory (chosen without being told:
+Hydra's default run dir), and rank 0 writes run.json and the only W&B run. The union of the ranks' rows must
+equal, value for value, the rows of a single-process capture of the same samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+import torch
+from polars.testing import assert_frame_equal
+
+from conftest import REPO, compose_config
+from conftest import test_env as offline_env  # aliased: pytest would collect a test_* name as a test
+from spectra.distributed import World, rank_device, share
+from spectra.errors import ConfigError
+from spectra.run import capture
+from wandb_files import inspect_summary, run_file
+
+# torchrun gives each rank one CPU thread; the reference uses one too, so both sum in the same order.
+OVERRIDES = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=5", "hardware.num_threads=1"]
+KEYS = ["sample_id", "layer", "head", "token_pos"]
+
+
+@pytest.mark.parametrize("n_samples", [0, 1, 2, 5, 8])
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_share_takes_each_sample_exactly_once(n_samples, ranks):
+    shares = [list(share(range(n_samples), World(rank, ranks, rank))) for rank in range(ranks)]
+    assert sum(shares, []) == list(range(n_samples))  # contiguous, in order, nothing twice or missing
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_rank_device():
+    assert rank_device("cpu", World(1, 2, 1)) == "cpu"
+    assert rank_device("cuda:1", World()) == "cuda:1"  # one process: as configured
+    with pytest.raises(ConfigError, match=r"^hardware.device: under torchrun each rank takes cuda:<LOCAL_RANK>"):
+        rank_device("cuda:1", World(1, 2, 1))
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, one_thread):
+    env = offline_env(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's spectra
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "spectra.run",
+         *OVERRIDES],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*_tiny_llama")  # both ranks picked the same default directory
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["world_size"] == 2
+    assert record["counts"]["rows"] == record["counts"]["expected_rows"] == 5 * 3 * 8 * 16
+    assert record["counts"]["part_files"] == 5
+    summary = inspect_summary(run_file(run_dir))  # exactly one W&B run: rank 0's
+    assert summary["state"] == "finished" and summary["summary"]["totals/rows"] == record["counts"]["rows"]
+
+    reference_dir = tmp_path / "single"
+    capture(compose_config(*OVERRIDES, "logger=none"), reference_dir)
+    ranks = pl.read_parquet(run_dir / "metrics" / "*.parquet").sort(KEYS)
+    single = pl.read_parquet(reference_dir / "metrics" / "*.parquet").sort(KEYS)
+    assert ranks.height == single.height == record["counts"]["rows"]
+    assert_frame_equal(ranks, single, check_exact=True)
+    assert_frame_equal(pl.read_parquet(run_dir / "samples.parquet"), pl.read_parquet(reference_dir / "samples.parquet"))
