@@ -68,9 +68,10 @@ def versions() -> dict[str, str]:
     }
 
 
-def capture(cfg: DictConfig, out: Path, world: World = World(), tracker: Tracker = Tracker()) -> dict:
+def capture(cfg: DictConfig, out: Path | None = None, world: World = World(), tracker: Tracker = Tracker()) -> dict:
     """The whole run (this rank's share of it under torchrun); returns what run.json records."""
     cfg = checked_config(cfg)
+    out = out or run_directory(cfg)
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
 

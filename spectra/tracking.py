@@ -8,7 +8,8 @@
 The Parquet files are the record; W&B is a view of them. At the end the per-layer and per-(layer, head)
 summaries are computed from the written Parquet (so they describe exactly what is on disk), and the run
 directory is recorded as a dataset artifact by reference, never uploaded. A run that fails or is interrupted
-still finishes its W&B run, marked with the error.
+still finishes its W&B run, marked with the error. Under torchrun only rank 0 logs: its throughput history is
+its own share's, while the end-of-run totals and summaries cover every rank's parts.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, run_spectra
 from conftest import test_env as offline_env  # aliased: pytest would collect a test_* name as a test
 from spectra.distributed import World, rank_device, share
 from spectra.errors import ConfigError
@@ -44,14 +44,35 @@ def test_rank_device():
         rank_device("cuda:1", World(1, 2, 1))
 
 
-@pytest.fixture
-def one_thread():
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    """The reference: the same capture in this process, with one thread, as (metric rows, samples)."""
     threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+    out = tmp_path_factory.mktemp("single")
+    try:
+        capture(compose_config(*OVERRIDES, "logger=none"), out)
+    finally:
+        torch.set_num_threads(threads)
+    return pl.read_parquet(out / "metrics" / "*.parquet").sort(KEYS), pl.read_parquet(out / "samples.parquet")
 
 
-def test_torchrun_two_ranks_equal_one_process(tmp_path, one_thread):
+def check_ranks_equal_single_process(run_dir, single_process) -> None:
+    """Two ranks' parts in one run directory, one run.json and one W&B run, rows identical to one process's."""
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["world_size"] == 2
+    assert record["counts"]["rows"] == record["counts"]["expected_rows"] == 5 * 3 * 8 * 16  # no sample twice
+    assert record["counts"]["part_files"] == 5
+    summary = inspect_summary(run_file(run_dir))  # exactly one W&B run: rank 0's
+    assert summary["state"] == "finished" and summary["summary"]["totals/rows"] == record["counts"]["rows"]
+
+    rows, samples = single_process
+    ranks = pl.read_parquet(run_dir / "metrics" / "*.parquet").sort(KEYS)
+    assert ranks.height == rows.height == record["counts"]["rows"]
+    assert_frame_equal(ranks, rows, check_exact=True)
+    assert_frame_equal(pl.read_parquet(run_dir / "samples.parquet"), samples)
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, single_process):
     env = offline_env(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout's spectra
     result = subprocess.run(
@@ -61,17 +82,17 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, one_thread):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs").glob("*/*_tiny_llama")  # both ranks picked the same default directory
-    record = json.loads((run_dir / "run.json").read_text())
-    assert record["world_size"] == 2
-    assert record["counts"]["rows"] == record["counts"]["expected_rows"] == 5 * 3 * 8 * 16
-    assert record["counts"]["part_files"] == 5
-    summary = inspect_summary(run_file(run_dir))  # exactly one W&B run: rank 0's
-    assert summary["state"] == "finished" and summary["summary"]["totals/rows"] == record["counts"]["rows"]
+    check_ranks_equal_single_process(run_dir, single_process)
 
-    reference_dir = tmp_path / "single"
-    capture(compose_config(*OVERRIDES, "logger=none"), reference_dir)
-    ranks = pl.read_parquet(run_dir / "metrics" / "*.parquet").sort(KEYS)
-    single = pl.read_parquet(reference_dir / "metrics" / "*.parquet").sort(KEYS)
-    assert ranks.height == single.height == record["counts"]["rows"]
-    assert_frame_equal(ranks, single, check_exact=True)
-    assert_frame_equal(pl.read_parquet(run_dir / "samples.parquet"), pl.read_parquet(reference_dir / "samples.parquet"))
+
+@pytest.mark.slow
+def test_submitit_job_with_two_tasks_equals_one_process(tmp_path, single_process):
+    """hydra.launcher.tasks_per_node=2: what conf/hydra/launcher/slurm.yaml offers, on the local executor."""
+    sweep_dir = tmp_path / "sweep"
+    result = run_spectra(
+        tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *OVERRIDES,
+        f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    check_ranks_equal_single_process(run_dir, single_process)
