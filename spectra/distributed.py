@@ -8,7 +8,8 @@ torchrun starts one process per rank and sets RANK, WORLD_SIZE and LOCAL_RANK; a
 gets the same variables from submitit. Each process composes its own Hydra config. Every rank loads the same samples (same seed) and keeps a contiguous share of them, so each sample
 is captured exactly once, and parts, named by their first sample id, never collide. Only small Python objects
 cross ranks (the run directory, per-rank counts), so the process group is gloo even on GPUs: the capture itself
-has no collectives and each rank's GPU stays busy with its own forward passes.
+has no collectives and each rank's GPU stays busy with its own forward passes. Ranks on several nodes resolve
+Hydra's default run directory each on their own clock: give them one with hydra.run.dir=<shared folder>.
 """
 
 from __future__ import annotations

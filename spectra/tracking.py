@@ -1,7 +1,8 @@
 """Weights & Biases view of a capture: the config, throughput while it runs, summaries and heatmaps at the end.
 
     python -m spectra.run                                  # logger=wandb: online with credentials, else offline
-    WANDB_MODE=offline python -m spectra.run               # never online; sync later: wandb sync <run dir>/wandb
+    WANDB_MODE=offline python -m spectra.run               # never online; upload later with
+    wandb sync <run dir>/wandb/offline-run-*               #   (offline runs need no account until then)
     python -m spectra.run logger=none                      # no W&B
     wandb leet inspect --summary <run dir>/wandb/latest-run  # what an offline run logged, without network
 
@@ -198,6 +199,13 @@ class WandbTracker(Tracker):
         self.run.log(stats)
 
     def log_results(self, record: dict) -> None:
+        try:
+            self._log_results(record)
+        except Exception as error:  # the capture is complete on disk; a failed view must not fail the run
+            print(f"spectra: W&B end-of-run summaries failed ({type(error).__name__}: {error}); the Parquet is complete")
+            self.run.summary["summaries_error"] = f"{type(error).__name__}: {error}"[:1000]
+
+    def _log_results(self, record: dict) -> None:
         run_dir = self.run_dir
         names = list(self.cfg.metrics.names)
         quantiles = list(self.cfg.logger.quantiles)
