@@ -5,7 +5,7 @@
     python -m spectra.run model=llama3_8b hardware=h100 data=slimpajama
     python -m spectra.run -m data.context_length=256,512 data.n_samples=4,8     # a sweep
     python -m spectra.run --cfg job                                   # show the composed config
-    python -m spectra.run -m +experiment=standard_sweep               # the study's standard sweep
+    python -m spectra.run -m hydra/sweeper=standard_sweep             # the study's standard sweep
     python -m spectra.run -m hydra/launcher=submitit_local data.n_samples=4,8   # jobs as separate processes
     torchrun --standalone --nproc_per_node=2 -m spectra.run           # ranks split the samples (distributed.py)
 

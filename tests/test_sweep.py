@@ -1,7 +1,8 @@
 """Hydra multirun sweeps: one complete run directory and one W&B run per job, all in one W&B group.
 
 The same 2 x 2 sweep runs with Hydra's basic launcher (jobs in one process) and with submitit_local (jobs as
-separate processes, as on SLURM); the shipped sweep and SLURM launcher configs are composed and checked.
+separate processes, as on SLURM). It starts from the shipped standard sweep, whose values the command line
+replaces; the shipped sweep and SLURM launcher configs are also composed and checked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from wandb_files import inspect_records, inspect_summary, run_file
 
 LAYERS, HEADS = 3, 8
 CONTEXT_LENGTHS, SAMPLE_COUNTS = (8, 16), (1, 2)
-SWEEP = ["model=tiny_llama", "data=synthetic", "data.context_length=8,16", "data.n_samples=1,2"]
+SWEEP = ["hydra/sweeper=standard_sweep", "model=tiny_llama", "data=synthetic", "data.context_length=8,16",
+         "data.n_samples=1,2"]  # fmt: skip
 
 
 def check_sweep(sweep_dir: Path) -> None:
@@ -75,12 +77,12 @@ def compose_hydra(*overrides: str):
 
 
 def test_standard_sweep_config():
-    cfg = compose_hydra("+experiment=standard_sweep", "model=tiny_llama")
+    cfg = compose_hydra("hydra/sweeper=standard_sweep")
     params = cfg.hydra.sweeper.params
     sweep = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
     choices = {o.key_or_group: list(o.sweep_iterator()) if o.is_sweep_override() else [o.value()] for o in sweep}
     assert choices == {"data.context_length": [128, 256, 512, 1024, 2048], "data.n_samples": [16]}
-    assert list(cfg.logger.tags) == ["standard_sweep"]
+    assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
 
 
 def test_slurm_launcher_config():
