@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from spectra.distributed import format_launch_time
 from spectra.errors import ConfigError
 from spectra.metrics import DEFAULT_METRIC_FIELDS
 from spectra.metrics import METRIC_FIELDS as METRIC_NAMES
@@ -116,6 +117,8 @@ def register_configs() -> None:
     cs.store(group="metrics", name="base_metrics", node=MetricsConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    # conf/config.yaml's hydra.run.dir: Hydra's `now`, but one folder for all torchrun ranks.
+    OmegaConf.register_new_resolver("spectra.launch_time", format_launch_time, replace=True)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -31,9 +31,7 @@ import spectra
 from spectra.capture import AttentionCapture
 from spectra.config import checked_config, register_configs
 from spectra.data import load_samples
-from spectra.distributed import (
-    World, format_launch_time, gathered, joined, rank_device, same_directory, share, summed,
-)  # fmt: skip
+from spectra.distributed import World, gathered, joined, rank_device, same_directory, share, summed
 from spectra.errors import ConfigError, SpectraError
 from spectra.metrics import EXTENDED_METRIC_FIELDS
 from spectra.models import describe, load_model
@@ -43,7 +41,6 @@ from spectra.writer import PartWriter, metric_schema, write_json_atomic, write_s
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
-OmegaConf.register_new_resolver("spectra.launch_time", format_launch_time, replace=True)  # conf/config.yaml
 
 
 def run_directory(cfg: DictConfig) -> Path:
