@@ -33,6 +33,7 @@ from spectra import head_stats, plots, report
 from spectra.config import LoggerConfig, register_configs
 from spectra.errors import ConfigError, SpectraError
 from spectra.exports import duckdb_views, export_csv
+from spectra.tracking import wandb_mode  # the capture's own rule: auto = WANDB_MODE, else online with credentials
 from spectra.writer import write_parquet_atomic
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -247,18 +248,6 @@ def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, 
         if metric in comparison.columns
     ]
     return comparison, figures
-
-
-def wandb_mode(mode: str) -> Optional[str]:
-    """logger.mode as the capture reads it. auto: WANDB_MODE when set, else online with credentials, else offline
-    (never a login prompt)."""
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return None
-    netrc = Path.home() / ".netrc"
-    logged_in = os.environ.get("WANDB_API_KEY") or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-    return "online" if logged_in else "offline"
 
 
 def log_to_wandb(
