@@ -97,6 +97,9 @@ class LoggerConfig:
 @dataclass
 class RunConfig:
     output_dir: Optional[str] = None  # where outputs go; None: Hydra's run directory
+    resume: bool = False  # finish the run already in the output directory: skip its completed samples
+    dry_run: bool = False  # validate, print what the run would do (shape, rows, bytes, memory), load no weights
+    on_nonfinite: str = "error"  # NaN/inf metrics: error stops naming layer and head; record keeps and counts them
 
 
 @dataclass
@@ -170,5 +173,10 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         device == "cpu" or device == "cuda" or device.startswith("cuda:"),
         "hardware.device",
         f"must be cpu, cuda or cuda:N, got {device!r}",
+    )
+    _require(
+        cfg.run.on_nonfinite in ("error", "record"),
+        "run.on_nonfinite",
+        f"must be error or record, got {cfg.run.on_nonfinite!r}",
     )
     return cfg

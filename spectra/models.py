@@ -83,6 +83,8 @@ def load_model(model_cfg: DictConfig, hardware_cfg: DictConfig) -> tuple[PreTrai
             if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
                 raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
             options["gguf_file"] = model_cfg.gguf_file
+        elif any(Path(location).glob("*.safetensors")):
+            options["use_safetensors"] = True  # a pickled .bin next to the safetensors is never unpickled
         try:
             model = AutoModelForCausalLM.from_pretrained(location, **options)
         except OSError as error:

@@ -8,6 +8,8 @@
     python -m spectra.run -m hydra/sweeper=standard_sweep             # the study's standard sweep
     python -m spectra.run -m hydra/launcher=submitit_local data.n_samples=4,8   # jobs as separate processes
     torchrun --standalone --nproc_per_node=2 -m spectra.run           # ranks split the samples (distributed.py)
+    python -m spectra.run model=tiny_llama data=synthetic run.dry_run=true           # check, print the plan
+    python -m spectra.run hydra.run.dir=<a killed run> run.resume=true               # finish a killed run
 
 Reads top to bottom: check config -> load model -> load samples -> capture batch by batch -> write -> report.
 """
@@ -30,12 +32,14 @@ from tqdm import tqdm
 import spectra
 from spectra.capture import AttentionCapture
 from spectra.config import checked_config, register_configs
-from spectra.data import load_samples
 from spectra.distributed import World, gathered, joined, rank_device, same_directory, share, summed
 from spectra.errors import ConfigError, SpectraError
 from spectra.metrics import EXTENDED_METRIC_FIELDS
 from spectra.models import describe, load_model
+from spectra.numerics import NumericsGuard, nonfinite_summary
+from spectra.resume import Manifest, batch_done, delete_leftovers, fingerprint, manifest_path
 from spectra.tracking import Tracker, start_tracker
+from spectra.validate import Plan, check_command_line, dry_run_report, preflight
 from spectra.writer import PartWriter, metric_schema, write_json_atomic, write_samples
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -65,12 +69,19 @@ def versions() -> dict[str, str]:
     }
 
 
-def capture(cfg: DictConfig, out: Path | None = None, world: World = World(), tracker: Tracker = Tracker()) -> dict:
+def capture(
+    cfg: DictConfig,
+    out: Path | None = None,
+    world: World = World(),
+    tracker: Tracker = Tracker(),
+    plan: Plan | None = None,
+) -> dict:
     """The whole run (this rank's share of it under torchrun); returns what run.json records."""
     cfg = checked_config(cfg)
     out = out or run_directory(cfg)
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
+    plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
 
     model, tokenizer = load_model(cfg.model, cfg.hardware)
     shape = describe(model)
@@ -79,8 +90,14 @@ def capture(cfg: DictConfig, out: Path | None = None, world: World = World(), tr
             "data.context_length",
             f"{cfg.data.context_length} exceeds the model's maximum of {shape['max_position_embeddings']} tokens",
         )
-    samples = load_samples(cfg.data, tokenizer, model.config.vocab_size)
+    samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
+    if world.is_main:
+        delete_leftovers(plan.resume)
+    gathered(world, None)  # rank 0 has deleted the leftovers before any rank writes a part of the same name
+    manifest_file = manifest_path(out, world.rank if world.size > 1 else None)
+    manifest = Manifest(manifest_file, fingerprint(cfg), plan.resume.kept_parts(manifest_file))
+    resumed_samples, resumed_rows = len(plan.resume.completed), sum(part.rows for part in manifest.parts)
     if world.is_main:
         write_samples(out / "samples.parquet", samples)
     own = share(samples, world)  # this rank's samples; all of them without torchrun
@@ -90,6 +107,7 @@ def capture(cfg: DictConfig, out: Path | None = None, world: World = World(), tr
     batch_size = cfg.hardware.batch_size
     tokens_total = len(samples) * cfg.data.context_length
     own_tokens = len(own) * cfg.data.context_length
+    guard = NumericsGuard(names, cfg.metrics.storage_dtype, cfg.run.on_nonfinite)
     capture_started = time.perf_counter()
     with (
         AttentionCapture(
@@ -99,15 +117,19 @@ def capture(cfg: DictConfig, out: Path | None = None, world: World = World(), tr
             block_bytes=cfg.hardware.attention_block_mb * 2**20,
             extended=any(name in EXTENDED_METRIC_FIELDS for name in names),
         ) as attention,
-        PartWriter(out / "metrics", schema) as writer,
+        PartWriter(out / "metrics", schema, manifest=manifest) as writer,
         tqdm(
             total=own_tokens, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, disable=not world.is_main
         ) as progress,
     ):
         for first in range(0, len(own), batch_size):
             batch = own[first : first + batch_size]
+            if batch_done(batch, plan.resume.completed):  # written by the attempt this run resumes
+                progress.update(len(batch) * cfg.data.context_length)
+                continue
             input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(model.device)  # (B, T)
             metrics = attention.run(input_ids)  # name -> (L, B, H, T), on the model's device
+            guard.check(metrics, [s.sample_id for s in batch])
             # One device-to-host copy per metric per batch; the writer thread builds and writes the rows.
             writer.put(
                 np.array([s.sample_id for s in batch]),
@@ -124,7 +146,9 @@ def capture(cfg: DictConfig, out: Path | None = None, world: World = World(), tr
             )
     capture_seconds = time.perf_counter() - capture_started
     # Every rank's parts are on disk once all ranks get here; run.json counts them all.
-    written = summed(world, rows=writer.rows, part_files=len(writer.files), metric_bytes=writer.bytes)
+    written = summed(
+        world, rows=writer.rows, part_files=len(writer.files), metric_bytes=writer.bytes, resumed_rows=resumed_rows
+    )
     capture_seconds = max(gathered(world, capture_seconds))
 
     record = {
@@ -139,13 +163,16 @@ def capture(cfg: DictConfig, out: Path | None = None, world: World = World(), tr
             "expected_rows": len(samples) * shape["layers"] * shape["heads"] * cfg.data.context_length,
             "part_files": written["part_files"],
             "metric_bytes": written["metric_bytes"],
+            "samples_resumed": resumed_samples,
         },
+        "nonfinite": nonfinite_summary(gathered(world, guard.counts)),
         "timing": {
             "started_at": started_at,
             "wall_seconds": time.perf_counter() - started,
             "capture_seconds": capture_seconds,
-            "tokens_per_second": tokens_total / capture_seconds,
-            "rows_per_second": written["rows"] / capture_seconds,
+            # This attempt's work only: a resumed run skipped the samples kept from earlier attempts.
+            "tokens_per_second": (len(samples) - resumed_samples) * cfg.data.context_length / capture_seconds,
+            "rows_per_second": (written["rows"] - written["resumed_rows"]) / capture_seconds,
         },
         "output_dir": str(out.resolve()),
         "world_size": world.size,
@@ -168,6 +195,8 @@ def print_summary(record: dict) -> None:
         f"(capture {timing['capture_seconds']:.1f} s, wall {timing['wall_seconds']:.1f} s)\n"
         f"  read with  polars.scan_parquet('{record['output_dir']}/metrics/*.parquet')"
     )
+    if record["nonfinite"]["total"]:
+        print(f"  WARNING    {record['nonfinite']['total']:,} non-finite metric values kept; see nonfinite in run.json")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -177,8 +206,14 @@ def main(cfg: DictConfig) -> None:
             cfg = checked_config(cfg)
             cfg.hardware.device = rank_device(cfg.hardware.device, world)
             out = same_directory(world, run_directory(cfg))
+            plan = preflight(cfg, out)  # every check that needs no weights, before W&B starts; writes nothing
+            gathered(world, None)  # every rank has looked at the run directory before any rank changes it
+            if cfg.run.dry_run:
+                if world.is_main:
+                    print(dry_run_report(cfg, plan))
+                return
             with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
-                record = capture(cfg, out, world, tracker)
+                record = capture(cfg, out, world, tracker, plan)
                 tracker.log_results(record)
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
@@ -187,5 +222,15 @@ def main(cfg: DictConfig) -> None:
         print_summary(record)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m spectra.run`: a bad command line ends in one line, before Hydra creates a run directory."""
+    try:
+        check_command_line(sys.argv[1:], CONF_DIR)
+    except SpectraError as error:
+        print(f"spectra: error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

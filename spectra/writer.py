@@ -6,7 +6,8 @@ Layout of a run directory:
     run.json                                 resolved config, versions, model shape, counts, timings
 
 A part is written under a name no `*.parquet` glob matches, synced, then renamed, so a reader never sees a
-half-written file: `polars.scan_parquet("<run>/metrics/*.parquet")` always reads complete parts.
+half-written file: `polars.scan_parquet("<run>/metrics/*.parquet")` always reads complete parts. Once renamed, the
+part is listed in the run's manifest (spectra/resume.py), which is what makes a killed run resumable.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spectra.crashpoints import crash_point
 from spectra.data import Sample
+from spectra.resume import Manifest, PartRecord, fsync_directory
 
 KEY_COLUMNS = {"sample_id": pa.int32(), "layer": pa.int16(), "head": pa.int16(), "token_pos": pa.int32()}
 FLOAT_METRICS = ("query_norm", "entropy", "max_attn")
@@ -67,22 +70,30 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> int:
         use_dictionary=int_columns,
         column_encoding={name: "BYTE_STREAM_SPLIT" for name in float_columns},
     )
+    crash_point("part-written")
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+    fsync_directory(path.parent)
     return path.stat().st_size
 
 
 class PartWriter:
-    """Writes metric parts from a background thread; at most `max_pending` batches wait in memory."""
+    """Writes metric parts from a background thread; at most `max_pending` batches wait in memory.
 
-    def __init__(self, directory: Path, schema: pa.Schema, max_pending: int = 2):
+    With a manifest, each part is recorded there once it has its final name, and the counts start from the
+    parts the manifest already holds (those a resumed run keeps).
+    """
+
+    def __init__(self, directory: Path, schema: pa.Schema, max_pending: int = 2, manifest: Manifest | None = None):
         self.directory = directory
         self.schema = schema
+        self.manifest = manifest
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.rows = 0
-        self.bytes = 0
-        self.files: list[str] = []
+        kept = manifest.parts if manifest is not None else []
+        self.rows = sum(part.rows for part in kept)
+        self.bytes = sum(part.bytes for part in kept)
+        self.files: list[str] = [part.part for part in kept]
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="spectra-part-writer", daemon=True)
@@ -96,7 +107,12 @@ class PartWriter:
             try:
                 table = metric_table(sample_ids, metrics, self.schema)
                 path = self.directory / f"part-{int(sample_ids[0]):06d}.parquet"
-                self.bytes += write_parquet_atomic(table, path)
+                size = write_parquet_atomic(table, path)
+                crash_point("part-renamed")
+                if self.manifest is not None:
+                    self.manifest.record(PartRecord(path.name, [int(i) for i in sample_ids], table.num_rows, size))
+                    crash_point("part-recorded")
+                self.bytes += size
                 self.rows += table.num_rows
                 self.files.append(path.name)
             except BaseException as error:  # re-raised in the caller's thread
@@ -139,5 +155,8 @@ def write_samples(path: Path, samples: Sequence[Sample]) -> None:
 
 def write_json_atomic(payload: dict, path: Path) -> None:
     temporary = path.with_name(path.name + ".inprogress")
-    temporary.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    with open(temporary, "w") as handle:
+        handle.write(json.dumps(payload, indent=2, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(temporary, path)

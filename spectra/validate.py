@@ -1,0 +1,301 @@
+"""Everything that can be checked before weights load, and the dry run that prints what a run would do.
+
+Two stages, both ending in one line (`spectra: error: <key>: <what is wrong and the fix>`, exit 2):
+  check_command_line  before Hydra creates a run directory: unknown config options and keys, bad values
+                      (ranges, metric names), secrets on the command line, an unwritable run directory
+  preflight           inside the run, without the weights: the model's config file (shape, maximum context,
+                      whether its attention reaches the capture function), checkpoint files and shards, the
+                      samples the data holds, CUDA, and the output directory (another run there; on resume, the
+                      same settings)
+
+    python -m spectra.run model=tiny_llama data=synthetic run.dry_run=true
+    python -m spectra.run model=smollm2_135m data.context_length=1024 data.n_samples=64 run.dry_run=true
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from spectra.config import checked_config
+from spectra.data import Sample, load_samples
+from spectra.errors import ConfigError, SpectraError
+from spectra.metrics import _block_rows
+from spectra.models import load_tokenizer, model_location, resolve_device
+from spectra.resume import ResumeState, fingerprint, inspect_run_directory
+
+# Words that mark a config key as a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN):
+# Hydra copies every override into <run>/.hydra/overrides.yaml before Spectra runs.
+SECRET_KEY_WORDS = ("token", "api_key", "apikey", "secret", "password")
+SECRET_ENVIRONMENT = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# Hydra flags that do not run a capture (or that this check does not model); Hydra handles them alone.
+UNCHECKED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "multirun", "cfg", "config_path",
+                   "config_dir", "config_name", "experimental_rerun")  # fmt: skip
+# Parquet bytes per row after zstd, from the measurements in /work/shared/NOTES.md (10.4 B/row with the four
+# metrics in float32, 5.3 B/row in float16); real attention compresses somewhat differently.
+KEY_BYTES_PER_ROW = 0.3
+METRIC_BYTES_PER_ROW = {"float32": 3.0, "float16": 1.35, "k_eff": 1.1}
+
+
+def check_command_line(argv: list[str], conf_dir: str) -> None:
+    """Compose the config as `hydra.main` will and check it; raises SpectraError with one line."""
+    from hydra._internal.utils import get_args_parser  # Hydra's own parser, so flags mean what they mean there
+
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):
+        return
+    secrets = {os.environ[name] for name in SECRET_ENVIRONMENT if os.environ.get(name)}
+    for override in args.overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if any(word in key.lower() for word in SECRET_KEY_WORDS) or (value and value in secrets):
+            raise ConfigError(
+                key,
+                "credentials are never taken from the command line (Hydra would copy them into .hydra/); "
+                f"set {' or '.join(SECRET_ENVIRONMENT[:2])} in the environment instead",
+            )
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            composed = compose(config_name="config", overrides=args.overrides, return_hydra_config=True)
+    except MissingConfigException as error:
+        group, _, name = (error.missing_cfg_file or "config/?").rpartition("/")
+        options = [o for o in error.options or [] if not o.startswith("base_")]
+        raise ConfigError(group, f"no option {name!r}; choose one of {', '.join(options)}") from None
+    except OverrideParseException as error:
+        raise ConfigError(error.override, error.message.splitlines()[0]) from None
+    except ConfigCompositionException as error:
+        cause = error.__cause__
+        key = getattr(cause, "full_key", None)
+        if key and "not in" in str(cause):
+            raise ConfigError(key, "no such key; `python -m spectra.run --cfg job` lists them all") from None
+        if key:
+            raise ConfigError(key, str(cause).splitlines()[0]) from None
+        raise SpectraError("; ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
+
+    job = OmegaConf.to_container(composed)
+    job.pop("hydra")
+    cfg = checked_config(OmegaConf.create(job))
+    out = Path(cfg.run.output_dir or composed.hydra.run.dir)
+    check_writable(out, output_key(cfg))
+    # Before Hydra overwrites <run>/.hydra/ with this command's config: another run there, or one to resume
+    # with other settings, is refused while its config dump is still intact.
+    inspect_run_directory(out, fingerprint(cfg), cfg.run.resume, output_key(cfg))
+
+
+def check_writable(directory: Path, key: str) -> None:
+    """The directory, or the nearest folder above it that exists, must be a writable folder."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"cannot create {directory}: {existing} is a file; choose another directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"cannot write to {existing} (permission denied); choose a writable directory")
+
+
+def _location_key(model_cfg: DictConfig) -> str:
+    return "model.path" if model_cfg.path else "model.package" if model_cfg.package else "model.name_or_path"
+
+
+def check_checkpoint_files(directory: Path, model_cfg: DictConfig) -> None:
+    """A local Hugging Face checkpoint: config.json, every weight shard its index lists, no unrequested code."""
+    key = _location_key(model_cfg)
+    if not (directory / "config.json").is_file():
+        raise ConfigError(key, f"no config.json in {directory}; point it at a Hugging Face checkpoint directory")
+    config = json.loads((directory / "config.json").read_text())
+    if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not model_cfg.trust_remote_code:
+        raise ConfigError(
+            "model.trust_remote_code",
+            f"{directory} needs its own Python code (auto_map in config.json, model_type "
+            f"{config.get('model_type')!r} unknown to transformers); set model.trust_remote_code=true only if "
+            "you trust that code",
+        )
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            missing = [shard for shard in shards if not (directory / shard).is_file()]
+            if missing:
+                raise ConfigError(
+                    key,
+                    f"{directory} lacks {len(missing)} of the {len(shards)} weight shards {index_name} lists "
+                    f"({missing[0]} first); copy the complete checkpoint",
+                )
+            return
+    if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise ConfigError(
+            key, f"no weights in {directory} (model.safetensors, a sharded index, or pytorch_model.bin)"
+        )
+
+
+def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | None]:
+    """(the model's config, its location) read from config files or GGUF metadata; no weights are loaded."""
+    if model_cfg.source == "random":
+        architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+        if "model_type" not in architecture:
+            raise ConfigError("model.architecture.model_type", "is required for model.source=random")
+        if architecture["model_type"] not in CONFIG_MAPPING:
+            raise ConfigError(
+                "model.architecture.model_type",
+                f"{architecture['model_type']!r} is not a model type transformers knows (e.g. llama, mistral)",
+            )
+        return AutoConfig.for_model(**architecture), None
+
+    location = model_location(model_cfg)
+    options: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.source == "gguf":
+        if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
+            raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
+        options["gguf_file"] = model_cfg.gguf_file
+    elif Path(location).is_dir():
+        check_checkpoint_files(Path(location), model_cfg)
+    try:
+        return AutoConfig.from_pretrained(location, **options), location
+    except (OSError, ValueError) as error:
+        raise SpectraError(
+            f"cannot read the model config of '{location}': {str(error).strip().splitlines()[0]} -- without hub "
+            "access, download the checkpoint elsewhere and pass model.path=<local dir>"
+        ) from None
+
+
+def check_attention_reaches_capture(config: PretrainedConfig) -> type | None:
+    """The causal-LM class, refused when its attention bypasses transformers' AttentionInterface (or it has none)."""
+    if getattr(config, "auto_map", None):
+        return None  # code shipped with the checkpoint: checked once loaded (AttentionCapture.__enter__)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ConfigError("model", f"model_type {config.model_type!r} has no causal language model in transformers")
+    if not model_class.is_backend_compatible():
+        raise ConfigError(
+            "model",
+            f"{model_class.__name__} (model_type {config.model_type!r}) computes attention in its own code, not "
+            "through transformers' AttentionInterface (or has no attention), so Spectra's capture function would "
+            "never see it; choose a model whose class supports the interface (llama, mistral, qwen2, gpt2, ...)",
+        )
+    return model_class
+
+
+def config_shape(config: PretrainedConfig) -> dict:
+    heads = config.num_attention_heads
+    return {
+        "model_type": config.model_type,
+        "layers": config.num_hidden_layers,
+        "heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "vocab_size": config.vocab_size,
+    }
+
+
+def check_device(device: str) -> None:
+    resolve_device(device)  # no CUDA at all
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(
+            "hardware.device", f"{device} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+
+
+@dataclass
+class Plan:
+    """What preflight learned: enough to run, or to print a dry run."""
+
+    model_config: PretrainedConfig
+    model_class: type | None
+    shape: dict
+    samples: list[Sample]
+    out: Path
+    resume: ResumeState
+
+
+def output_key(cfg: DictConfig) -> str:
+    return "run.output_dir" if cfg.run.output_dir else "hydra.run.dir"
+
+
+def preflight(cfg: DictConfig, out: Path) -> Plan:
+    """All checks that need no weights; cfg has passed checked_config. Changes nothing on disk."""
+    check_device(cfg.hardware.device)
+    model_config, location = load_model_config(cfg.model)
+    model_class = check_attention_reaches_capture(model_config)
+    shape = config_shape(model_config)
+    if shape["max_position_embeddings"] and cfg.data.context_length > shape["max_position_embeddings"]:
+        raise ConfigError(
+            "data.context_length",
+            f"{cfg.data.context_length} exceeds the model's maximum of {shape['max_position_embeddings']} tokens",
+        )
+    check_writable(out, output_key(cfg))
+    tokenizer = load_tokenizer(cfg.model, location)
+    samples = load_samples(cfg.data, tokenizer, model_config.vocab_size)
+    resume = inspect_run_directory(out, fingerprint(cfg), cfg.run.resume, output_key(cfg), samples)
+    return Plan(model_config, model_class, shape, samples, out, resume)
+
+
+def _size(n_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n_bytes < 1024 or unit == "TiB":
+            return f"{n_bytes:,.0f} {unit}" if unit == "B" else f"{n_bytes:,.1f} {unit}"
+        n_bytes /= 1024
+    raise AssertionError
+
+
+def parameter_count(plan: Plan) -> int | None:
+    """Counted on the meta device: shapes only, no memory, no weights read."""
+    if plan.model_class is None:
+        return None
+    with torch.device("meta"):
+        model = plan.model_class(plan.model_config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def dry_run_report(cfg: DictConfig, plan: Plan) -> str:
+    shape, samples = plan.shape, plan.samples
+    tokens = cfg.data.context_length
+    batch = min(cfg.hardware.batch_size, len(samples))
+    rows_per_sample = shape["layers"] * shape["heads"] * tokens
+    rows = len(samples) * rows_per_sample
+    names = list(cfg.metrics.names)
+    bytes_per_row = KEY_BYTES_PER_ROW + sum(
+        METRIC_BYTES_PER_ROW["k_eff" if name == "k_eff" else cfg.metrics.storage_dtype] for name in names
+    )
+    weight_bytes = torch.empty(0, dtype=getattr(torch, cfg.hardware.dtype)).element_size()
+    parameters = parameter_count(plan)
+    weights = f"{parameters / 1e6:,.1f}M parameters = {_size(parameters * weight_bytes)} in {cfg.hardware.dtype}" if parameters else "parameters unknown"
+    budget = cfg.hardware.attention_block_mb * 2**20
+    block = _block_rows(batch, shape["heads"], tokens, budget)
+    scores = batch * shape["heads"] * tokens * tokens * 4  # (B, H, T, T) float32, were it held at once
+    metrics_per_layer = batch * shape["heads"] * tokens * 4 * len(names)  # (B, H, T) per metric
+    done = len(plan.resume.completed)
+    if cfg.run.resume and (done or plan.resume.leftovers):
+        output = (
+            f"resume: {done} of {len(samples)} samples done in {sum(map(len, plan.resume.kept.values()))} part(s), "
+            f"{len(plan.resume.leftovers)} leftover file(s) to delete"
+        )
+    else:
+        output = "new run"
+    return "\n".join(
+        [
+            "Spectra dry run: checks passed; no weights loaded, nothing written",
+            f"  model      {cfg.model.name} ({shape['model_type']}): {shape['layers']} layers x {shape['heads']} "
+            f"heads, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}, max {shape['max_position_embeddings']} "
+            f"positions; {weights}",
+            f"  samples    {len(samples)} x {tokens} tokens = {len(samples) * tokens:,} tokens "
+            f"({cfg.data.name}), {-(-len(samples) // batch)} batches of {batch}",
+            f"  rows       {rows:,} = samples x layers x heads x tokens ({rows_per_sample:,} per sample)",
+            f"  disk       ~{_size(rows * bytes_per_row)} estimated ({bytes_per_row:.1f} B/row: {len(names)} metric "
+            f"columns, {cfg.metrics.storage_dtype})",
+            f"  memory     per layer and batch: attention scores B x H x T x T float32 would be {_size(scores)}; "
+            f"computed {block} query rows at a time within hardware.attention_block_mb="
+            f"{cfg.hardware.attention_block_mb}; metrics {_size(metrics_per_layer)}",
+            f"  output     {plan.out} ({output})",
+            "  run it     the same command without run.dry_run=true",
+        ]
+    )
