@@ -24,6 +24,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from spectra.crashpoints import crash_point
 from spectra.errors import SpectraError
 from spectra.metrics import METRIC_FIELDS, attention_metrics, prototype_scaling
 
@@ -197,6 +198,7 @@ class AttentionCapture:
                 sliding_window=kwargs.get("sliding_window") if attention_mask is None else None,
                 extended=self.extended,
             )
+        crash_point("attention-layer")  # tests: SIGKILL mid-batch
         if self._previous_implementation == "eager":
             delegate = _eager_attention(module)
         else:

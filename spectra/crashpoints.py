@@ -4,7 +4,8 @@
 outside tests) every call is one dictionary lookup. The points, in the order a part travels:
 
     attention-layer   inside the forward pass, after a layer's metrics are computed (mid-batch)
-    part-written      the part is on disk under its temporary name, not yet synced or renamed (mid-write)
+    parquet-written   a Parquet file (samples.parquet first, then each part) is on disk under its temporary
+                      name, not yet synced or renamed (mid-write)
     part-renamed      the part has its final name but the manifest does not list it yet
     part-recorded     the manifest lists the part (between parts)
 

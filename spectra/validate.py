@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
@@ -36,7 +38,7 @@ from spectra.resume import ResumeState, fingerprint, inspect_run_directory
 
 # Words that mark a config key as a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN):
 # Hydra copies every override into <run>/.hydra/overrides.yaml before Spectra runs.
-SECRET_KEY_WORDS = ("token", "api_key", "apikey", "secret", "password")
+SECRET_KEY = re.compile(r"(^|_)(token|api_?key|secret|password)$", re.IGNORECASE)  # last part of the key
 SECRET_ENVIRONMENT = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Hydra flags that do not run a capture (or that this check does not model); Hydra handles them alone.
 UNCHECKED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "multirun", "cfg", "config_path",
@@ -57,7 +59,7 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     secrets = {os.environ[name] for name in SECRET_ENVIRONMENT if os.environ.get(name)}
     for override in args.overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if any(word in key.lower() for word in SECRET_KEY_WORDS) or (value and value in secrets):
+        if SECRET_KEY.search(key.rpartition(".")[2]) or (value and value in secrets):
             raise ConfigError(
                 key,
                 "credentials are never taken from the command line (Hydra would copy them into .hydra/); "
@@ -148,7 +150,11 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
                 "model.architecture.model_type",
                 f"{architecture['model_type']!r} is not a model type transformers knows (e.g. llama, mistral)",
             )
-        return AutoConfig.for_model(**architecture), None
+        try:
+            return AutoConfig.for_model(**architecture), None
+        except (TypeError, ValueError, StrictDataclassError) as error:  # a field of the wrong type or value
+            message = " ".join(str(error).split())
+            raise ConfigError("model.architecture", f"{message}; fix the value in the model config") from None
 
     location = model_location(model_cfg)
     options: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}

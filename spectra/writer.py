@@ -70,7 +70,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> int:
         use_dictionary=int_columns,
         column_encoding={name: "BYTE_STREAM_SPLIT" for name in float_columns},
     )
-    crash_point("part-written")
+    crash_point("parquet-written")
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, path)

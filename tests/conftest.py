@@ -57,3 +57,26 @@ def smollm2():
 
     cfg = compose_config("model=smollm2_135m")
     return load_model(cfg.model, cfg.hardware)
+
+
+def run_spectra_inprocess(*argv: str) -> tuple[int, str, str]:
+    """`python -m spectra.run <argv>` in this process (no interpreter start-up): (exit code, stdout, stderr).
+
+    The same entrypoint function the module's __main__ calls, Hydra's command-line parsing included; an
+    uncaught exception propagates to the test, as a traceback would end the real process.
+    """
+    import contextlib
+    import io
+    from unittest import mock
+
+    from spectra.run import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", ["spectra.run", *argv]):
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                cli()
+                code = 0
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, stdout.getvalue(), stderr.getvalue()
