@@ -26,7 +26,7 @@ from huggingface_hub.errors import StrictDataclassError
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -37,7 +37,7 @@ from spectra.metrics import _block_rows
 from spectra.models import load_tokenizer, model_location, resolve_device
 from spectra.resume import ResumeState, fingerprint, inspect_run_directory
 
-# Words that mark a config key as a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN):
+# A key whose last part names a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN) only:
 # Hydra copies every override into <run>/.hydra/overrides.yaml before Spectra runs.
 SECRET_KEY = re.compile(r"(^|_)(token|api_?key|secret|password)$", re.IGNORECASE)  # last part of the key
 SECRET_ENVIRONMENT = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -249,11 +249,13 @@ def preflight(cfg: DictConfig, out: Path) -> Plan:
 
 
 def _size(n_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n_bytes < 1024 or unit == "TiB":
-            return f"{n_bytes:,.0f} {unit}" if unit == "B" else f"{n_bytes:,.1f} {unit}"
+    if n_bytes < 1024:
+        return f"{n_bytes:,.0f} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n_bytes /= 1024
-    raise AssertionError
+        if n_bytes < 1024 or unit == "TiB":
+            break
+    return f"{n_bytes:,.1f} {unit}"
 
 
 def parameter_count(plan: Plan) -> int | None:
@@ -277,7 +279,11 @@ def dry_run_report(cfg: DictConfig, plan: Plan) -> str:
     )
     weight_bytes = torch.empty(0, dtype=getattr(torch, cfg.hardware.dtype)).element_size()
     parameters = parameter_count(plan)
-    weights = f"{parameters / 1e6:,.1f}M parameters = {_size(parameters * weight_bytes)} in {cfg.hardware.dtype}" if parameters else "parameters unknown"
+    weights = (
+        f"{parameters / 1e6:,.1f}M parameters = {_size(parameters * weight_bytes)} in {cfg.hardware.dtype}"
+        if parameters
+        else "parameter count unknown (remote code)"
+    )
     budget = cfg.hardware.attention_block_mb * 2**20
     block = _block_rows(batch, shape["heads"], tokens, budget)
     scores = batch * shape["heads"] * tokens * tokens * 4  # (B, H, T, T) float32, were it held at once
@@ -292,7 +298,7 @@ def dry_run_report(cfg: DictConfig, plan: Plan) -> str:
         output = "new run"
     return "\n".join(
         [
-            "Spectra dry run: checks passed; no weights loaded, nothing written",
+            "Spectra dry run: checks passed; no weights loaded, no capture output written",
             f"  model      {cfg.model.name} ({shape['model_type']}): {shape['layers']} layers x {shape['heads']} "
             f"heads, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}, max {shape['max_position_embeddings']} "
             f"positions; {weights}",

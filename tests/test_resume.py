@@ -7,21 +7,21 @@ dataset an uninterrupted run writes: the same part files byte for byte, the same
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import conftest
+import numpy as np
 import polars as pl
 import pytest
 from conftest import REPO, run_spectra_inprocess
-import conftest
 
 from spectra.data import Sample
 from spectra.errors import SpectraError
 from spectra.resume import batch_done, read_manifest
-
-import numpy as np
 
 ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=8", "hardware.batch_size=1"]
 LAYERS, HEADS, TOKENS, SAMPLES = 3, 8, 16, 8  # tiny_llama's shape and the run above
@@ -123,8 +123,6 @@ def test_same_config_twice_gives_identical_metric_columns(tmp_path, uninterrupte
 
 
 def test_resume_of_a_finished_run_changes_no_part(tmp_path, uninterrupted):
-    import shutil
-
     run_dir = tmp_path / "copy"
     shutil.copytree(uninterrupted, run_dir)
     before = {name: (run_dir / "metrics" / name).read_bytes() for name in on_disk(run_dir, "*")}
