@@ -57,7 +57,8 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     args = get_args_parser().parse_args(argv)
     if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):
         return
-    secrets = {os.environ[name] for name in SECRET_ENVIRONMENT if os.environ.get(name)}
+    # Too short to be a real credential: a token "1" must not make data.n_samples=1 look like one.
+    secrets = {os.environ[name] for name in SECRET_ENVIRONMENT if len(os.environ.get(name, "")) >= 8}
     for override in args.overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if SECRET_KEY.search(key.rpartition(".")[2]) or (value and value in secrets):
