@@ -301,8 +301,8 @@ def dry_run_report(cfg: DictConfig, plan: Plan) -> str:
         [
             "Spectra dry run: checks passed; no weights loaded, no capture output written",
             f"  model      {cfg.model.name} ({shape['model_type']}): {shape['layers']} layers x {shape['heads']} "
-            f"heads, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}, max {shape['max_position_embeddings']} "
-            f"positions; {weights}",
+            f"heads, {shape['kv_heads']} KV heads, head_dim {shape['head_dim']}, "
+            f"max {shape['max_position_embeddings']} positions; {weights}",
             f"  samples    {len(samples)} x {tokens} tokens = {len(samples) * tokens:,} tokens "
             f"({cfg.data.name}), {-(-len(samples) // batch)} batches of {batch}",
             f"  rows       {rows:,} = samples x layers x heads x tokens ({rows_per_sample:,} per sample)",
