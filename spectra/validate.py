@@ -209,10 +209,10 @@ def config_shape(config: PretrainedConfig) -> dict:
 
 def check_device(device: str) -> None:
     resolve_device(device)  # no CUDA at all
-    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
-        raise ConfigError(
-            "hardware.device", f"{device} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
-        )
+    index = device.partition(":")[2]
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        last = torch.cuda.device_count() - 1
+        raise ConfigError("hardware.device", f"{device} asked for, but the CUDA devices here are cuda:0 to cuda:{last}")
 
 
 @dataclass
