@@ -65,7 +65,6 @@ class NumericsGuard:
         )
 
 
-
 def nonfinite_summary(counts_per_rank: Sequence[torch.Tensor | None]) -> dict:
     """For run.json: the total over all ranks' (L, H) counts, and the count of every (layer, head) that had any."""
     present = [counts for counts in counts_per_rank if counts is not None]
