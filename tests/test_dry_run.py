@@ -10,7 +10,8 @@ from unittest import mock
 
 from conftest import run_spectra_inprocess
 
-ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=5", "hardware.batch_size=2"]
+ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=5", "hardware.batch_size=2",
+        "logger=none"]  # fmt: skip
 
 
 def tiny_llama_parameters() -> int:

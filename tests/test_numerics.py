@@ -22,7 +22,7 @@ from conftest import run_spectra_inprocess
 from spectra.numerics import NumericsGuard, nonfinite_counts
 
 POISONED = ((1, 3), (2, 0))  # (layer, head)
-ARGS = ["data=synthetic", "data.context_length=8", "data.n_samples=3", "hardware.batch_size=2"]
+ARGS = ["data=synthetic", "data.context_length=8", "data.n_samples=3", "hardware.batch_size=2", "logger=none"]
 
 
 def test_counts_match_numpy_and_storage_overflow_counts():

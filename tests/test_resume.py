@@ -23,7 +23,8 @@ from spectra.data import Sample
 from spectra.errors import SpectraError
 from spectra.resume import batch_done, read_manifest
 
-ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=8", "hardware.batch_size=1"]
+ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=8", "hardware.batch_size=1",
+        "logger=none"]  # fmt: skip
 LAYERS, HEADS, TOKENS, SAMPLES = 3, 8, 16, 8  # tiny_llama's shape and the run above
 ROWS = SAMPLES * LAYERS * HEADS * TOKENS
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from checkpoints import TOKENIZER, save_tiny_checkpoint
+import conftest
 from conftest import compose_config, run_spectra_inprocess
 
 from spectra.config import checked_config
@@ -23,18 +24,23 @@ SECRETS = {
 
 
 def test_environment_credentials_never_reach_the_run_directory(tmp_path, monkeypatch):
-    for name, value in SECRETS.items():
+    """W&B offline included: its run files land in the run directory and are searched too."""
+    for name, value in {**conftest.test_env(tmp_path), **SECRETS}.items():
         monkeypatch.setenv(name, value)
     run_dir = tmp_path / "run"
     code, stdout, stderr = run_spectra_inprocess(
-        "model=tiny_llama", "data=synthetic", "data.context_length=8", "data.n_samples=1", f"hydra.run.dir={run_dir}"
-    )
+        "model=tiny_llama", "data=synthetic", "data.context_length=8", "data.n_samples=1", "logger=wandb",
+        f"hydra.run.dir={run_dir}",
+    )  # fmt: skip
     assert code == 0, stderr
     written = [path for path in run_dir.rglob("*") if path.is_file()]
-    assert {"run.json", "config.yaml", "hydra.yaml", "overrides.yaml", "manifest.jsonl"} <= {p.name for p in written}
+    names = {p.name for p in written}
+    assert {"run.json", "config.yaml", "hydra.yaml", "overrides.yaml", "manifest.jsonl"} <= names
+    assert any(name.endswith(".wandb") for name in names), names
+    everything = [path for path in tmp_path.rglob("*") if path.is_file()]  # W&B's own folders as well
     for value in SECRETS.values():
         assert value not in stdout + stderr
-        for path in written:
+        for path in everything:
             assert value.encode() not in path.read_bytes(), path
 
 

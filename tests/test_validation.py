@@ -18,7 +18,7 @@ from checkpoints import hub_model_overrides, save_tiny_checkpoint
 import conftest
 from conftest import REPO, run_spectra_inprocess
 
-BASE = {"model": "tiny_llama", "data": "synthetic", "data.context_length": "16", "data.n_samples": "2"}
+BASE = {"model": "tiny_llama", "data": "synthetic", "data.context_length": "16", "data.n_samples": "2", "logger": "none"}
 
 
 def overrides(changes: dict[str, str | None]) -> list[str]:
