@@ -7,17 +7,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-
-from spectra.run import CONF_DIR
-
-REPO = Path(__file__).resolve().parent.parent
-
 # No hub here or in CI: fail fast instead of waiting on network time-outs, in-process as in subprocesses.
+# Set before anything imports huggingface_hub, which reads these once at import.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from spectra.run import CONF_DIR  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_env(tmp_path: Path) -> dict[str, str]:
