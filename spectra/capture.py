@@ -19,6 +19,7 @@ import inspect
 import sys
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -218,3 +219,16 @@ class AttentionCapture:
         layers = [self._layers[i] for i in sorted(self._layers)]
         computed = [name for name in METRIC_FIELDS if getattr(layers[0], name) is not None]
         return {name: torch.stack([getattr(m, name) for m in layers]) for name in computed}
+
+
+def metrics_to_host(metrics: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
+    """The named metrics as numpy arrays, in one device-to-host copy (one synchronisation) per batch.
+
+    Every metric is 4 bytes per value, so the int32 ones travel bit-for-bit as float32 in one stacked tensor.
+    """
+    stacked = torch.stack([m.view(torch.float32) for m in (metrics[name] for name in names)])  # (M, L, B, H, T)
+    host = stacked.cpu().numpy()
+    return {
+        name: host[i].view(np.int32 if metrics[name].dtype == torch.int32 else np.float32)
+        for i, name in enumerate(names)
+    }

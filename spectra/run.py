@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import spectra
-from spectra.capture import AttentionCapture
+from spectra.capture import AttentionCapture, metrics_to_host
 from spectra.config import checked_config, register_configs
 from spectra.distributed import World, gathered, joined, rank_device, same_directory, share, summed
 from spectra.errors import ConfigError, SpectraError
@@ -130,11 +130,8 @@ def capture(
             input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(model.device)  # (B, T)
             metrics = attention.run(input_ids)  # name -> (L, B, H, T), on the model's device
             guard.check(metrics, [s.sample_id for s in batch])
-            # One device-to-host copy per metric per batch; the writer thread builds and writes the rows.
-            writer.put(
-                np.array([s.sample_id for s in batch]),
-                {name: metrics[name].cpu().numpy() for name in names},
-            )
+            # One device-to-host copy per batch; the writer thread builds and writes the rows.
+            writer.put(np.array([s.sample_id for s in batch]), metrics_to_host(metrics, names))
             progress.update(input_ids.numel())
             done = first + len(batch)
             tracker.log_progress(
