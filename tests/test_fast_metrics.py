@@ -148,6 +148,20 @@ def test_blocked_equals_unblocked_and_float64(heads, kv_heads):
     assert_matches_reference(whole, numpy_metrics(query, key, 0.3, 0.9), 0.9)
 
 
+def test_blocked_equals_unblocked_with_softcap_window_and_extended_metrics():
+    generator = torch.Generator().manual_seed(9)
+    query = torch.randn(2, 6, 40, 8, generator=generator) * 3
+    key = torch.randn(2, 2, 40, 8, generator=generator) * 3
+    options = dict(softcap=20.0, sliding_window=9, extended=True)
+    whole = attention_metrics(query, key, 0.5, 0.9, block_bytes=2**34, **options)
+    blocked = attention_metrics(query, key, 0.5, 0.9, block_bytes=3000, **options)
+    for name in whole._fields:
+        torch.testing.assert_close(getattr(blocked, name), getattr(whole, name), atol=1e-5, rtol=1e-5)
+    # The window hides everything 9 or more positions back: k_eff and the look-back distance stay inside it.
+    assert whole.k_eff.max() <= 9 and whole.attn_distance.max() <= 8 + 1e-4
+    assert whole.sink_attn[..., 9:].abs().max() == 0  # position 0 is outside every later query's window
+
+
 def test_blocked_mask_hides_keys_even_with_huge_scores():
     """Masked keys get probability 0 however large their score, in every block; extreme scores stay finite."""
     generator = torch.Generator().manual_seed(5)
@@ -159,7 +173,7 @@ def test_blocked_mask_hides_keys_even_with_huge_scores():
     allowed[1, 0, 10:, 3] = False  # one key hidden from later queries in sample 1
     whole = attention_metrics(query, key, 1.0, 0.9, allowed=allowed, block_bytes=2**34)
     blocked = attention_metrics(query, key, 1.0, 0.9, allowed=allowed, block_bytes=1)
-    for name in whole._fields:
+    for name in ("query_norm", "entropy", "max_attn", "k_eff"):
         # Scores of size ~300 round at ~3e-5 in float32, and differently for different matmul shapes.
         torch.testing.assert_close(getattr(blocked, name), getattr(whole, name), atol=1e-4, rtol=1e-4)
         assert torch.isfinite(getattr(whole, name).double()).all()
