@@ -5,7 +5,7 @@ own SDPA attention, no capture) with a full capture (Spectra's attention functio
 part written and closed), so both see the same machine load. Prints medians over the repeats.
 
     python scripts/bench.py 512 2048 model=smollm2_135m hardware.num_threads=2
-    python scripts/bench.py 8192 --repeats 1 model=smollm2_135m hardware.num_threads=2
+    python scripts/bench.py 8192 --warmup 0 --repeats 1 model=smollm2_135m hardware.num_threads=2
     python scripts/bench.py 512 --json metrics.storage_dtype=float16 model=tiny_llama
 
 Arguments with '=' are Hydra overrides of the run config (same groups as `python -m spectra.run`); plain
@@ -66,7 +66,7 @@ def time_capture(capture: AttentionCapture, input_ids, sample_ids, names, schema
     return time.perf_counter() - started, writer.rows, writer.bytes
 
 
-def bench_context(model, tokenizer, cfg, context_length: int, repeats: int) -> dict:
+def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warmup: int) -> dict:
     cfg.data.context_length = context_length
     cfg.data.n_samples = cfg.hardware.batch_size
     samples = load_samples(cfg.data, tokenizer, model.config.vocab_size)
@@ -89,14 +89,14 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int) -> d
         ) as capture,
         tempfile.TemporaryDirectory(prefix="spectra-bench-") as scratch,
     ):
-        for repeat in range(repeats + 1):  # the first round warms up and is not counted
+        for repeat in range(warmup + repeats):  # warm-up rounds are not counted
             model.set_attn_implementation(plain)
             forward = time_forward(model, input_ids)
             model.set_attn_implementation(ATTENTION_NAME)
             seconds, rows, size = time_capture(
                 capture, input_ids, sample_ids, names, schema, Path(scratch) / f"round-{repeat}"
             )
-            if repeat or repeats == 0:
+            if repeat >= warmup:
                 forward_s.append(forward)
                 capture_s.append(seconds)
 
@@ -140,6 +140,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("args", nargs="*", help="context lengths (integers) and Hydra overrides (key=value)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per context length (after 1 warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (0 for very long contexts)")
     parser.add_argument("--json", action="store_true", help="one JSON object per context length")
     options = parser.parse_intermixed_args(argv)
     overrides = [a for a in options.args if "=" in a]
@@ -147,13 +148,15 @@ def main(argv: list[str]) -> None:
     if not all(a.isdigit() and int(a) > 0 for a in lengths):
         parser.error(f"context lengths must be positive integers, got {lengths}")
     lengths = [int(a) for a in lengths] or [512]
+    if options.repeats < 1 or options.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
 
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = checked_config(compose(config_name="config", overrides=overrides))
     model, tokenizer = load_model(cfg.model, cfg.hardware)
     for context_length in lengths:
-        result = bench_context(model, tokenizer, cfg, context_length, options.repeats)
+        result = bench_context(model, tokenizer, cfg, context_length, options.repeats, options.warmup)
         if options.json:
             print(json.dumps(result), flush=True)
         else:

@@ -210,7 +210,9 @@ class AttentionCapture:
     def run(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward pass; returns metric name -> (layers, B, H, T) on the model's device."""
         self._layers.clear()
-        self.model(input_ids=input_ids, use_cache=False)
+        # The decoder stack without the LM head: the metrics need no logits, and at 8K tokens SmolLM2's
+        # (T, vocab) float32 logits alone would take 1.6 GB.
+        self.model.base_model(input_ids=input_ids, use_cache=False)
         if not self._layers:
             raise SpectraError(
                 f"{type(self.model).__name__}'s attention never reached the capture function; "
