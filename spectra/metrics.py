@@ -90,10 +90,10 @@ def _k_eff_from_negated(negated: torch.Tensor, threshold: float) -> torch.Tensor
     allowed = torch.searchsorted(rows, zero).clamp_(min=1)  # (N, 1) keys with p > 0 (-0.0 sorts with 0.0)
     cumulative = rows.neg_().cumsum_(dim=-1)  # (N, S) running sum of p descending, as in the reference
     # float32 comparison with float32(threshold), as `cumulative < threshold` does in the reference.
-    short = torch.searchsorted(cumulative, zero.fill_(threshold))  # (N, 1) prefixes with sum < threshold
+    below = torch.searchsorted(cumulative, zero.fill_(threshold))  # (N, 1) prefixes with sum < threshold
     # A row whose rounded total falls short of the threshold would count every key, masked ones included; the
     # reference caps k_eff at the number of allowed keys, and so does this.
-    k_eff = torch.minimum(short + 1, allowed)
+    k_eff = torch.minimum(below + 1, allowed)
     return k_eff.to(torch.int32).reshape(negated.shape[:-1])
 
 
