@@ -34,7 +34,6 @@ from spectra.capture import ATTENTION_NAME, AttentionCapture, metrics_to_host  #
 from spectra.config import checked_config, register_configs  # noqa: E402
 from spectra.data import load_samples  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
-from spectra.metrics import EXTENDED_METRIC_FIELDS  # noqa: E402
 from spectra.models import load_model  # noqa: E402
 from spectra.run import CONF_DIR  # noqa: E402
 from spectra.writer import PartWriter, metric_schema  # noqa: E402
@@ -81,13 +80,7 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
     forward_s, capture_s = [], []
     plain = model.config._attn_implementation  # the model's own attention (SDPA) for the plain pass
     with (
-        AttentionCapture(
-            model,
-            k_eff_threshold=cfg.metrics.k_eff_threshold,
-            attention=cfg.metrics.attention,
-            block_bytes=cfg.hardware.attention_block_mb * 2**20,
-            extended=any(name in EXTENDED_METRIC_FIELDS for name in names),
-        ) as capture,
+        AttentionCapture.from_config(model, cfg.metrics, cfg.hardware) as capture,
         tempfile.TemporaryDirectory(prefix="spectra-bench-") as scratch,
     ):
         for repeat in range(warmup + repeats):  # warm-up rounds are not counted

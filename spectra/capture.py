@@ -27,7 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from spectra.crashpoints import crash_point
 from spectra.errors import SpectraError
-from spectra.metrics import METRIC_FIELDS, attention_metrics, prototype_scaling
+from spectra.metrics import EXTENDED_METRIC_FIELDS, METRIC_FIELDS, attention_metrics, prototype_scaling
 
 ATTENTION_NAME = "spectra_capture"
 
@@ -107,6 +107,17 @@ class AttentionCapture:
         self._pre_rope: dict[tuple[int, str], torch.Tensor] = {}
         self._hooks: list[Any] = []
         self._previous_implementation: str | None = None
+
+    @classmethod
+    def from_config(cls, model: torch.nn.Module, metrics_cfg, hardware_cfg) -> "AttentionCapture":
+        """The capture a run's `metrics` and `hardware` config groups describe."""
+        return cls(
+            model,
+            k_eff_threshold=metrics_cfg.k_eff_threshold,
+            attention=metrics_cfg.attention,
+            block_bytes=hardware_cfg.attention_block_mb * 2**20,
+            extended=any(name in EXTENDED_METRIC_FIELDS for name in metrics_cfg.names),
+        )
 
     def __enter__(self) -> "AttentionCapture":
         previous = self.model.config._attn_implementation or "eager"

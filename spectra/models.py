@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from spectra.errors import ConfigError, SpectraError
 
@@ -109,18 +109,25 @@ def load_tokenizer(model_cfg: DictConfig, model_location_: str | None):
         raise SpectraError(f"cannot load tokenizer '{location}': {str(error).splitlines()[0]}") from None
 
 
-def describe(model: PreTrainedModel) -> dict:
-    """The model's attention shape, as recorded in run.json."""
-    config = model.config
+def config_shape(config: PretrainedConfig) -> dict:
+    """The attention shape a model config declares; the dry run reads it without loading weights."""
     heads = config.num_attention_heads
     return {
-        "class": type(model).__name__,
         "model_type": config.model_type,
         "layers": config.num_hidden_layers,
         "heads": heads,
         "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "vocab_size": config.vocab_size,
+    }
+
+
+def describe(model: PreTrainedModel) -> dict:
+    """The loaded model's shape, size and dtype, as recorded in run.json."""
+    return {
+        "class": type(model).__name__,
+        **config_shape(model.config),
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
     }

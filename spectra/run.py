@@ -34,7 +34,6 @@ from spectra.capture import AttentionCapture, metrics_to_host
 from spectra.config import checked_config, register_configs
 from spectra.distributed import World, gathered, joined, rank_device, same_directory, share, summed
 from spectra.errors import ConfigError, SpectraError
-from spectra.metrics import EXTENDED_METRIC_FIELDS
 from spectra.models import describe, load_model
 from spectra.numerics import NumericsGuard, nonfinite_summary
 from spectra.resume import Manifest, batch_done, delete_leftovers, fingerprint, manifest_path
@@ -110,13 +109,7 @@ def capture(
     guard = NumericsGuard(names, cfg.metrics.storage_dtype, cfg.run.on_nonfinite)
     capture_started = time.perf_counter()
     with (
-        AttentionCapture(
-            model,
-            k_eff_threshold=cfg.metrics.k_eff_threshold,
-            attention=cfg.metrics.attention,
-            block_bytes=cfg.hardware.attention_block_mb * 2**20,
-            extended=any(name in EXTENDED_METRIC_FIELDS for name in names),
-        ) as attention,
+        AttentionCapture.from_config(model, cfg.metrics, cfg.hardware) as attention,
         PartWriter(out / "metrics", schema, manifest=manifest) as writer,
         tqdm(
             total=own_tokens, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, disable=not world.is_main

@@ -34,7 +34,7 @@ from spectra.config import checked_config
 from spectra.data import Sample, load_samples
 from spectra.errors import ConfigError, SpectraError
 from spectra.metrics import _block_rows
-from spectra.models import load_tokenizer, model_location, resolve_device
+from spectra.models import config_shape, load_tokenizer, model_location, resolve_device
 from spectra.resume import ResumeState, fingerprint, inspect_run_directory
 
 # A key whose last part names a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN) only:
@@ -192,19 +192,6 @@ def check_attention_reaches_capture(config: PretrainedConfig) -> type | None:
             "never see it; choose a model whose class supports the interface (llama, mistral, qwen2, gpt2, ...)",
         )
     return model_class
-
-
-def config_shape(config: PretrainedConfig) -> dict:
-    heads = config.num_attention_heads
-    return {
-        "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "heads": heads,
-        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
-        "vocab_size": config.vocab_size,
-    }
 
 
 def check_device(device: str) -> None:
