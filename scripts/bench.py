@@ -97,8 +97,8 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
     forward, captured = statistics.median(forward_s), statistics.median(capture_s)
     result = {
         "context_length": context_length,
-        "forward_s": round(forward, 4),
-        "capture_s": round(captured, 4),
+        "forward_s": round(forward, 6),
+        "capture_s": round(captured, 6),
         # Median of the per-round ratios: each pairs a forward and a capture run back to back, so a burst of load
         # from other jobs spoils one round, not the ratio.
         "capture_over_forward": round(statistics.median(c / f for c, f in zip(capture_s, forward_s)), 3),
@@ -108,8 +108,8 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "batch_size": input_ids.shape[0],
         "repeats": len(capture_s),
-        "forward_s_min": round(min(forward_s), 4),
-        "capture_s_min": round(min(capture_s), 4),
+        "forward_s_min": round(min(forward_s), 6),
+        "capture_s_min": round(min(capture_s), 6),
         "storage_dtype": cfg.metrics.storage_dtype,
         "device": str(model.device),
         "threads": torch.get_num_threads(),
