@@ -20,11 +20,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from scipy import stats
 
+from conftest import REPO, run_spectra
+from conftest import test_env as subprocess_env  # as: pytest would collect a test_* name
 from spectra import head_stats
 from spectra.analyze import CONF_DIR, analyze
 from spectra.errors import SpectraError
-from tests.conftest import REPO, run_spectra
-from tests.conftest import test_env as subprocess_env  # as: pytest would collect a test_* name
+from wandb_files import inspect_summary
 
 METRICS = ("query_norm", "entropy", "max_attn", "k_eff")
 
@@ -242,9 +243,7 @@ def test_wandb_offline(run, tmp_path):
     result = analyze_cli(tmp_path, f"run_dir={run}", f"output_dir={out}", "logger.name=wandb")
     assert result.returncode == 0, result.stderr
     [log] = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    inspect = subprocess.run(["wandb", "leet", "inspect", "--summary", "--json", str(log)], env=subprocess_env(tmp_path),
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
-    summary = json.loads(inspect.stdout)["summary"]
+    summary = inspect_summary(log)["summary"]  # the venv's own wandb CLI: CI does not activate the venv
     top = head_stats.strongest_heads(pl.read_parquet(out / "correlations.parquet"), "entropy", 1)
     assert summary["strongest_head"] == f"L{top['layer'][0]}H{top['head'][0]}"
     assert summary["heads"]["nrows"] == 24 and summary["figures/heatmap_entropy"]["_type"] == "image-file"
