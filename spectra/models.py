@@ -63,6 +63,12 @@ def resolve_device(device: str) -> torch.device:
 
 def load_model(model_cfg: DictConfig, hardware_cfg: DictConfig) -> tuple[PreTrainedModel, object]:
     """(model in eval mode on its device, tokenizer)."""
+    location = None if model_cfg.source == "random" else model_location(model_cfg)
+    return load_weights(model_cfg, hardware_cfg), load_tokenizer(model_cfg, location)
+
+
+def load_weights(model_cfg: DictConfig, hardware_cfg: DictConfig) -> PreTrainedModel:
+    """The model alone, in eval mode on its device (a run has its tokenizer from preflight already)."""
     device = resolve_device(hardware_cfg.device)
     dtype = TORCH_DTYPES[hardware_cfg.dtype]
     if hardware_cfg.num_threads:
@@ -75,7 +81,6 @@ def load_model(model_cfg: DictConfig, hardware_cfg: DictConfig) -> tuple[PreTrai
         config = AutoConfig.for_model(**architecture)
         torch.manual_seed(model_cfg.seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        tokenizer = load_tokenizer(model_cfg, None)
     else:
         location = model_location(model_cfg)
         options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
@@ -92,8 +97,7 @@ def load_model(model_cfg: DictConfig, hardware_cfg: DictConfig) -> tuple[PreTrai
                 f"cannot load model '{location}': {str(error).splitlines()[0]} -- without hub access, "
                 "download the checkpoint elsewhere and pass model.path=<local dir>"
             ) from None
-        tokenizer = load_tokenizer(model_cfg, location)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval()
 
 
 def load_tokenizer(model_cfg: DictConfig, model_location_: str | None):

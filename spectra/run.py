@@ -33,8 +33,8 @@ import spectra
 from spectra.capture import AttentionCapture, metrics_to_host
 from spectra.config import checked_config, register_configs
 from spectra.distributed import World, gathered, joined, rank_device, same_directory, share, summed
-from spectra.errors import ConfigError, SpectraError
-from spectra.models import describe, load_model
+from spectra.errors import SpectraError
+from spectra.models import describe, load_weights
 from spectra.numerics import NumericsGuard, nonfinite_summary
 from spectra.resume import Manifest, batch_done, delete_leftovers, fingerprint, manifest_path
 from spectra.tracking import Tracker, start_tracker
@@ -82,13 +82,8 @@ def capture(
     started_at = datetime.now(timezone.utc).isoformat()
     plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
 
-    model, tokenizer = load_model(cfg.model, cfg.hardware)
+    model = load_weights(cfg.model, cfg.hardware)  # preflight already checked the config and tokenized
     shape = describe(model)
-    if shape["max_position_embeddings"] and cfg.data.context_length > shape["max_position_embeddings"]:
-        raise ConfigError(
-            "data.context_length",
-            f"{cfg.data.context_length} exceeds the model's maximum of {shape['max_position_embeddings']} tokens",
-        )
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
     if world.is_main:

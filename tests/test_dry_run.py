@@ -24,7 +24,7 @@ def tiny_llama_parameters() -> int:
 
 def test_dry_run_prints_the_plan_without_loading_weights(tmp_path):
     run_dir = tmp_path / "run"
-    with mock.patch("spectra.run.load_model", side_effect=AssertionError("a dry run loaded the weights")):
+    with mock.patch("spectra.run.load_weights", side_effect=AssertionError("a dry run loaded the weights")):
         code, stdout, stderr = run_spectra_inprocess(*ARGS, "run.dry_run=true", f"hydra.run.dir={run_dir}")
     assert code == 0, stderr
     lines = {line.split()[0]: line for line in stdout.splitlines()[1:]}
