@@ -1,7 +1,8 @@
 """Test hook: stop the process with SIGKILL at a named point, to prove that a killed run resumes cleanly.
 
 `SPECTRA_CRASH_AT=<point>:<n>` kills the process the n-th time it passes `crash_point("<point>")`. Unset (always,
-outside tests) every call is one dictionary lookup. The points, in the order a part travels:
+outside tests) every call is one dictionary lookup. `SPECTRA_CRASH_SIGNAL=SIGTERM` sends that signal instead
+(what `scancel` or a SLURM time limit sends). The points, in the order a part travels:
 
     attention-layer   inside the forward pass, after a layer's metrics are computed (mid-batch)
     parquet-written   a Parquet file (samples.parquet first, then each part) is on disk under its temporary
@@ -41,4 +42,4 @@ def crash_point(point: str) -> None:
     with _lock:
         _passes += 1
         if _passes == _TARGET[1]:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, os.environ.get("SPECTRA_CRASH_SIGNAL", "SIGKILL")))

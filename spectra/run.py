@@ -17,6 +17,7 @@ Reads top to bottom: check config -> load model -> load samples -> capture batch
 from __future__ import annotations
 
 import platform
+import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -203,8 +204,22 @@ def main(cfg: DictConfig) -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM via _stop_on_sigterm; parts in flight have landed
+        where = run_directory(cfg)
+        print(
+            f"spectra: interrupted ({stop or 'SIGINT'}); the finished parts are kept in {where}; "
+            f"finish the run with run.resume=true hydra.run.dir={where}",
+            file=sys.stderr,
+        )
+        sys.exit(130)
     if world.is_main:
         print_summary(record)
+
+
+def _stop_on_sigterm(signum: int, _frame) -> None:
+    # scancel, a SLURM time limit, `kill`: unwind as Ctrl-C does, so queued parts are written and listed, the
+    # W&B run is finished as interrupted, and the run can be resumed.
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def cli() -> None:
@@ -214,7 +229,11 @@ def cli() -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
-    main()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        main()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

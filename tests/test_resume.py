@@ -113,6 +113,26 @@ def test_killed_capture_resumes_to_the_uninterrupted_dataset(tmp_path, uninterru
     assert 0 < record["counts"]["samples_resumed"] < SAMPLES
 
 
+def test_sigterm_stops_cleanly_and_the_run_resumes(tmp_path, uninterrupted):
+    """scancel or a time limit sends SIGTERM: one line, exit 130, finished batches kept, a resume completes."""
+    run_dir = tmp_path / "run"
+    env = {**conftest.test_env(tmp_path), "SPECTRA_CRASH_AT": "attention-layer:8", "SPECTRA_CRASH_SIGNAL": "SIGTERM"}
+    args = [sys.executable, "-m", "spectra.run", *ARGS, f"hydra.run.dir={run_dir}"]
+    process = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 130, process.stderr[-2000:]
+    assert "Traceback" not in process.stderr
+    assert process.stderr.strip().splitlines()[-1].startswith("spectra: interrupted (SIGTERM); the finished parts")
+    # SIGTERM arrived inside the third batch: the two batches before it were written and listed, not lost.
+    assert listed_parts(run_dir) == on_disk(run_dir, "*.parquet") == ["part-000000.parquet", "part-000001.parquet"]
+    assert not on_disk(run_dir, "*.inprogress")
+
+    code, _, stderr = run_spectra_inprocess(*ARGS, f"hydra.run.dir={run_dir}", "run.resume=true")
+    assert code == 0, stderr
+    assert on_disk(run_dir, "*.parquet") == on_disk(uninterrupted, "*.parquet")
+    for part in on_disk(uninterrupted, "*.parquet"):
+        assert (run_dir / "metrics" / part).read_bytes() == (uninterrupted / "metrics" / part).read_bytes()
+
+
 def test_same_config_twice_gives_identical_metric_columns(tmp_path, uninterrupted):
     code, _, stderr = run_spectra_inprocess(*ARGS, f"hydra.run.dir={tmp_path / 'again'}")
     assert code == 0, stderr
