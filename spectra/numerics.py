@@ -21,15 +21,16 @@ from spectra.errors import SpectraError
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-def nonfinite_counts(metrics: dict[str, torch.Tensor], storage_dtype: str = "float32") -> dict[str, torch.Tensor]:
+def nonfinite_counts(metrics: dict, storage_dtype: str = "float32") -> dict[str, torch.Tensor]:
     """metric name -> (L, H) int64 count of non-finite values over batch and tokens; integer metrics skipped.
 
-    metrics: name -> (L, B, H, T) tensor, as AttentionCapture.run returns it.
+    metrics: name -> (L, B, H, T) tensor or numpy array (the batch already on the host: no second device sync).
     """
     stored = STORAGE_DTYPES[storage_dtype]
+    tensors = {name: torch.as_tensor(values) for name, values in metrics.items()}  # numpy: shares memory
     return {
         name: (~torch.isfinite(values.to(stored))).sum(dim=(1, 3))  # (L, H)
-        for name, values in metrics.items()
+        for name, values in tensors.items()
         if values.is_floating_point()
     }
 
@@ -43,7 +44,7 @@ class NumericsGuard:
         self.on_nonfinite = on_nonfinite
         self.counts: torch.Tensor | None = None  # (L, H) over all float metrics written
 
-    def check(self, metrics: dict[str, torch.Tensor], sample_ids: Sequence[int]) -> None:
+    def check(self, metrics: dict, sample_ids: Sequence[int]) -> None:
         per_metric = nonfinite_counts({name: metrics[name] for name in self.names}, self.storage_dtype)
         if not per_metric:
             return

@@ -118,9 +118,10 @@ def capture(
                 continue
             input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(model.device)  # (B, T)
             metrics = attention.run(input_ids)  # name -> (L, B, H, T), on the model's device
-            guard.check(metrics, [s.sample_id for s in batch])
-            # One device-to-host copy per batch; the writer thread builds and writes the rows.
-            writer.put(np.array([s.sample_id for s in batch]), metrics_to_host(metrics, names))
+            # One device-to-host copy per batch; the guard reads the host copy, the writer thread writes it.
+            host = metrics_to_host(metrics, names)
+            guard.check(host, [s.sample_id for s in batch])
+            writer.put(np.array([s.sample_id for s in batch]), host)
             progress.update(input_ids.numel())
             done = first + len(batch)
             tracker.log_progress(
