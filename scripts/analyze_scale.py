@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from spectra.writer import metric_schema, metric_table, write_parquet_atomic  # noqa: E402
+from spectra.store.writer import metric_schema, metric_table, write_parquet_atomic  # noqa: E402
 
 
 def write_run(folder: Path, layers: int, heads: int, tokens: int, samples: int, seed: int = 0) -> int:

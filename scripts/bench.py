@@ -30,13 +30,13 @@ from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from spectra.capture import ATTENTION_NAME, AttentionCapture, metrics_to_host  # noqa: E402
-from spectra.config import checked_config, register_configs  # noqa: E402
-from spectra.data import load_samples  # noqa: E402
+from spectra.capture.hook import ATTENTION_NAME, AttentionCapture, metrics_to_host  # noqa: E402
+from spectra.config.schema import checked_config, register_configs  # noqa: E402
+from spectra.data.load import load_samples  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
-from spectra.models import load_model  # noqa: E402
+from spectra.models.loading import load_model  # noqa: E402
 from spectra.run import CONF_DIR  # noqa: E402
-from spectra.writer import PartWriter, metric_schema  # noqa: E402
+from spectra.store.writer import PartWriter, metric_schema  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

@@ -11,14 +11,13 @@ Per run it writes, under <run>/analysis/ (or output_dir): heads.parquet, correla
 figures/*.png, report.md, duckdb_views.sql, and with export=csv metrics.csv. Several runs add comparison.parquet,
 a figure and report.md in the sweep folder's analysis/ (or output_dir). Reads top to bottom: check config ->
 find runs -> per run: statistics -> tables -> figures -> report -> exports; then the comparison; then W&B.
-Statistics live in spectra/head_stats.py, figures in spectra/plots.py, the report in spectra/report.py.
+Statistics live in spectra/analysis/head_stats.py, figures in plots.py, the report in report.py (same folder).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,12 +28,15 @@ import polars as pl
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from spectra import head_stats, plots, report
-from spectra.config import LoggerConfig, register_configs
+from spectra.analysis import head_stats, plots, report
+from spectra.analysis.exports import duckdb_views, export_csv
+from spectra.analysis.runs import RunAnalysis, find_runs, run_record, scan_metrics
+from spectra.config.schema import LoggerConfig, register_configs
 from spectra.errors import ConfigError, SpectraError
-from spectra.exports import duckdb_views, export_csv
-from spectra.tracking import wandb_mode  # the capture's own rule: auto = WANDB_MODE, else online with credentials
-from spectra.writer import write_parquet_atomic
+from spectra.store.writer import write_parquet_atomic
+from spectra.tracking.tracker import (
+    wandb_mode,  # the capture's own rule: auto = WANDB_MODE, else online with credentials
+)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 HEATMAP_METRICS = (
@@ -81,62 +83,6 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         if not (isinstance(pair, (list, ListConfig)) and len(pair) == 2 and all(isinstance(i, int) for i in pair)):
             raise ConfigError("heads", f"each entry must be [layer, head], got {pair!r}; e.g. heads=[[0,3],[2,5]]")
     return cfg
-
-
-def is_run(folder: Path) -> bool:
-    return (folder / "metrics").is_dir()
-
-
-def job_order(folder: Path) -> tuple:
-    """Hydra names sweep jobs `<num>_<overrides>`: order by the number, so 10 comes after 9."""
-    match = re.match(r"(\d+)", folder.name)
-    return (int(match.group(1)) if match else sys.maxsize, folder.name)
-
-
-def find_runs(run_dir: Any) -> tuple[list[Path], Optional[Path]]:
-    """The run folders named by run_dir, and the sweep folder when one was given (where the comparison goes)."""
-    given = [run_dir] if isinstance(run_dir, str) else list(run_dir)
-    runs, sweep = [], None
-    for name in map(Path, map(str, given)):
-        if not name.is_dir():
-            message = f"{name} is not a folder; give a run folder (holding metrics/) or a sweep folder"
-            raise ConfigError("run_dir", message)
-        if is_run(name):
-            runs.append(name)
-            continue
-        jobs = sorted((sub for sub in name.iterdir() if sub.is_dir() and is_run(sub)), key=job_order)
-        if not jobs:
-            raise ConfigError("run_dir", f"{name} holds no metrics/ folder and no runs; is it a Spectra run folder?")
-        runs += jobs
-        sweep = sweep or name
-    return runs, sweep
-
-
-def run_record(run: Path) -> dict:
-    """run.json, or {} for a run that did not finish (its complete part files are still worth analysing)."""
-    path = run / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def scan_metrics(run: Path) -> pl.LazyFrame:
-    # part-*: the writer's in-progress files end in .inprogress, but be strict anyway.
-    parts = sorted((run / "metrics").glob("part-*.parquet"))
-    if not parts:
-        raise SpectraError(f"{run / 'metrics'}: no part-*.parquet files; did the capture run write any batch?")
-    return pl.scan_parquet(run / "metrics" / "part-*.parquet")
-
-
-@dataclass
-class RunAnalysis:
-    label: str
-    run: Path
-    out: Path
-    record: dict
-    metrics: list[str]
-    heads: pl.DataFrame
-    correlations: pl.DataFrame
-    profile: pl.DataFrame
-    figures: list[Path]
 
 
 def check_heads(heads: list, layers: list[int], n_heads: int) -> None:

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from spectra.data.shards import (
+    Windows,
+    npz_windows,
+    prepared_windows,
+    read_manifest,
+    window_counts,
+)
 from spectra.errors import SpectraError
-from spectra.shards import Windows, npz_windows, prepared_windows, read_manifest, window_counts
 
 
 def length_histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
@@ -35,7 +41,7 @@ def length_histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
 def load_tokenizer(location: str):
     from transformers import AutoTokenizer
 
-    from spectra.models import resolve_location
+    from spectra.models.loading import resolve_location
 
     return AutoTokenizer.from_pretrained(resolve_location(location))
 

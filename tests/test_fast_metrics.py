@@ -10,15 +10,15 @@ import json
 import subprocess
 import sys
 
+import conftest
 import numpy as np
 import pytest
 import torch
-
-import conftest
 from conftest import REPO, compose_config
-from spectra.capture import metrics_to_host
-from spectra.config import checked_config
-from spectra.metrics import attention_metrics, k_eff_fast, k_eff_from_probs
+
+from spectra.capture.hook import metrics_to_host
+from spectra.capture.metrics import attention_metrics, k_eff_fast, k_eff_from_probs
+from spectra.config.schema import checked_config
 
 THRESHOLDS = (0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from reference import metrics_from_probs
-from spectra.metrics import attention_metrics, k_eff_from_probs
+
+from spectra.capture.metrics import attention_metrics, k_eff_from_probs
 
 
 def numpy_reference(query, key, scaling, threshold, allowed=None):

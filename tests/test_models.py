@@ -7,11 +7,11 @@ import json
 import polars as pl
 import pytest
 import torch
+from conftest import compose_config, run_spectra
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from conftest import compose_config, run_spectra
 from spectra.errors import ConfigError, SpectraError
-from spectra.models import load_model, resolve_location
+from spectra.models.loading import load_model, resolve_location
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import torch
 from checkpoints import TINY, hub_model_overrides, save_tiny_checkpoint
 from conftest import run_spectra_inprocess
 
-from spectra.numerics import NumericsGuard, nonfinite_counts
+from spectra.capture.numerics import NumericsGuard, nonfinite_counts
 
 POISONED = ((1, 3), (2, 0))  # (layer, head)
 ARGS = ["data=synthetic", "data.context_length=8", "data.n_samples=3", "hardware.batch_size=2", "logger=none"]

@@ -7,7 +7,7 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
-from spectra.writer import metric_schema, metric_table, write_parquet_atomic
+from spectra.store.writer import metric_schema, metric_table, write_parquet_atomic
 
 NAMES = ["query_norm", "entropy", "max_attn", "k_eff"]
 

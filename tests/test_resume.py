@@ -19,9 +19,9 @@ import polars as pl
 import pytest
 from conftest import REPO, run_spectra_inprocess
 
-from spectra.data import Sample
+from spectra.data.sample import Sample
 from spectra.errors import SpectraError
-from spectra.resume import batch_done, read_manifest
+from spectra.store.manifest import batch_done, read_manifest
 
 ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=8", "hardware.batch_size=1",
         "logger=none"]  # fmt: skip

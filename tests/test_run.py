@@ -8,13 +8,13 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-
 from conftest import REPO, compose_config, run_spectra
-from spectra.capture import AttentionCapture
-from spectra.config import checked_config
-from spectra.data import load_samples
+
+from spectra.capture.hook import AttentionCapture
+from spectra.config.schema import checked_config
+from spectra.data.load import load_samples
 from spectra.errors import ConfigError
-from spectra.models import load_model
+from spectra.models.loading import load_model
 
 TINY = ("model=tiny_llama", "data=synthetic", "data.context_length=24", "data.n_samples=5", "hardware.batch_size=2")
 

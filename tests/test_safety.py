@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import conftest
 import torch
 from checkpoints import TOKENIZER, save_tiny_checkpoint
-import conftest
 from conftest import compose_config, run_spectra_inprocess
 
-from spectra.config import checked_config
-from spectra.models import load_model
+from spectra.config.schema import checked_config
+from spectra.models.loading import load_model
 
 SECRETS = {
     "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",

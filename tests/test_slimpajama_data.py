@@ -17,15 +17,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from conftest import compose_config, run_spectra
 from omegaconf import DictConfig, open_dict
 from tokenizers import Tokenizer
 
-from conftest import compose_config, run_spectra
-from spectra.data import load_samples
+from spectra.data.load import load_samples
+from spectra.data.shards import prepare
 from spectra.errors import ConfigError, SpectraError
 from spectra.explore import explore
-from spectra.models import load_tokenizer, resolve_location
-from spectra.shards import prepare
+from spectra.models.loading import load_tokenizer, resolve_location
 
 KEPT = {"RedPajamaCommonCrawl", "RedPajamaC4", "RedPajamaWikipedia", "RedPajamaStackExchange"}
 PREPARED_LENGTH = 64  # max_prepared_length: 20 windows x 64 tokens = 1280 tokens stored per document at most

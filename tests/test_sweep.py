@@ -13,12 +13,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from conftest import run_spectra
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-
-from conftest import run_spectra
-from spectra.run import CONF_DIR
 from wandb_files import inspect_records, inspect_summary, run_file
+
+from spectra.run import CONF_DIR
 
 LAYERS, HEADS = 3, 8
 CONTEXT_LENGTHS, SAMPLE_COUNTS = (8, 16), (1, 2)

@@ -13,13 +13,15 @@ import sys
 import numpy as np
 import polars as pl
 import pytest
-
 from conftest import REPO, compose_config
-from conftest import test_env as offline_env  # aliased: pytest would collect a test_* name as a test
-from spectra.config import checked_config
-from spectra.errors import ConfigError, SpectraError
-from spectra.tracking import WandbTracker, wandb_mode
+from conftest import (
+    test_env as offline_env,  # aliased: pytest would collect a test_* name as a test
+)
 from wandb_files import inspect_records, inspect_summary, run_file
+
+from spectra.config.schema import checked_config
+from spectra.errors import ConfigError, SpectraError
+from spectra.tracking.tracker import WandbTracker, wandb_mode
 
 OVERRIDES = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=4", "logger.tags=[test]"]
 LAYERS, HEADS, TOKENS, SAMPLES = 3, 8, 16, 4

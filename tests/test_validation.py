@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from checkpoints import hub_model_overrides, save_tiny_checkpoint
-import conftest
 from conftest import REPO, run_spectra_inprocess
 
 BASE = {"model": "tiny_llama", "data": "synthetic", "data.context_length": "16", "data.n_samples": "2", "logger": "none"}

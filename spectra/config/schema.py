@@ -15,10 +15,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from spectra.distributed import format_launch_time
+from spectra.capture.metrics import DEFAULT_METRIC_FIELDS
+from spectra.capture.metrics import METRIC_FIELDS as METRIC_NAMES
 from spectra.errors import ConfigError
-from spectra.metrics import DEFAULT_METRIC_FIELDS
-from spectra.metrics import METRIC_FIELDS as METRIC_NAMES
+from spectra.launch.distributed import format_launch_time
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")

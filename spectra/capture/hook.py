@@ -22,12 +22,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from spectra.capture.metrics import (
+    EXTENDED_METRIC_FIELDS,
+    METRIC_FIELDS,
+    attention_metrics,
+    prototype_scaling,
+)
 from spectra.crashpoints import crash_point
 from spectra.errors import SpectraError
-from spectra.metrics import EXTENDED_METRIC_FIELDS, METRIC_FIELDS, attention_metrics, prototype_scaling
 
 ATTENTION_NAME = "spectra_capture"
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import polars as pl
 
-from spectra.head_stats import layer_comparison, strongest_heads
-
-if TYPE_CHECKING:
-    from spectra.analyze import RunAnalysis
+from spectra.analysis.head_stats import layer_comparison, strongest_heads
+from spectra.analysis.runs import RunAnalysis
 
 
 def number(value) -> str:
@@ -40,7 +38,7 @@ def markdown_table(table: pl.DataFrame, headers: Sequence[str] | None = None) ->
     return "\n".join(lines)
 
 
-def strongest_table(a: "RunAnalysis", top: int) -> pl.DataFrame:
+def strongest_table(a: RunAnalysis, top: int) -> pl.DataFrame:
     """The strongest query_norm-vs-entropy heads with their p-values and mean metrics."""
     means = [f"{m}_mean" for m in ("entropy", "max_attn", "k_eff") if f"{m}_mean" in a.heads.columns]
     return (
@@ -50,7 +48,7 @@ def strongest_table(a: "RunAnalysis", top: int) -> pl.DataFrame:
     )
 
 
-def describe_run(a: "RunAnalysis") -> str:
+def describe_run(a: RunAnalysis) -> str:
     record = a.record
     if not record:
         return f"Run `{a.run}` (no run.json: the capture did not finish; its complete part files are analysed)."
@@ -66,7 +64,7 @@ def figure_links(figures: Sequence[Path], out: Path) -> list[str]:
     return [f"![{path.stem}]({relative(path, out)})" for path in figures]
 
 
-def write_run_report(a: "RunAnalysis", skip_positions: int, top: int, path: Path) -> Path:
+def write_run_report(a: RunAnalysis, skip_positions: int, top: int, path: Path) -> Path:
     ratios = [m for m in ("entropy_normalized", "k_eff_fraction") if f"{m}_mean" in a.heads.columns]
     lines = [
         f"# Spectra analysis: {a.label}",
@@ -110,7 +108,7 @@ def relative(target: Path, folder: Path) -> str:
 
 
 def write_sweep_report(
-    analyses: Sequence["RunAnalysis"], comparison: pl.DataFrame, figures: Sequence[Path], path: Path
+    analyses: Sequence[RunAnalysis], comparison: pl.DataFrame, figures: Sequence[Path], path: Path
 ) -> Path:
     lines = [f"# Spectra comparison of {len(analyses)} runs", ""]
     lines += [f"- [{a.label}]({relative(a.out / 'report.md', path.parent)}): `{a.run}`" for a in analyses]
@@ -120,7 +118,7 @@ def write_sweep_report(
     return path
 
 
-def console_summary(a: "RunAnalysis", skip_positions: int) -> str:
+def console_summary(a: RunAnalysis, skip_positions: int) -> str:
     lines = [f"\nSpectra analysis: {a.out / 'report.md'}", f"  {a.heads.height} heads, metrics {', '.join(a.metrics)}"]
     top = strongest_heads(a.correlations, "entropy", 3)
     for row in top.iter_rows(named=True):

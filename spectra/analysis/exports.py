@@ -14,7 +14,7 @@ from typing import Sequence
 
 import polars as pl
 
-from spectra.head_stats import KEY_NAMES, metric_columns
+from spectra.analysis.head_stats import KEY_NAMES, metric_columns
 
 ANALYSIS_TABLES = ("heads", "correlations", "positions")
 # Same definitions as head_stats.RATIOS, in SQL: derived at query time, never stored.

@@ -7,7 +7,7 @@ Layout of a run directory:
 
 A part is written under a name no `*.parquet` glob matches, synced, then renamed, so a reader never sees a
 half-written file: `polars.scan_parquet("<run>/metrics/*.parquet")` always reads complete parts. Once renamed, the
-part is listed in the run's manifest (spectra/resume.py), which is what makes a killed run resumable.
+part is listed in the run's manifest (spectra/store/manifest.py), which is what makes a killed run resumable.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spectra.crashpoints import crash_point
-from spectra.data import Sample
-from spectra.resume import Manifest, PartRecord, fsync_directory
+from spectra.data.sample import Sample
+from spectra.store.manifest import Manifest, PartRecord, fsync_directory
 
 KEY_COLUMNS = {"sample_id": pa.int32(), "layer": pa.int16(), "head": pa.int16(), "token_pos": pa.int32()}
 FLOAT_METRICS = ("query_norm", "entropy", "max_attn")

@@ -38,9 +38,9 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from spectra.data import Sample, choose
+from spectra.data.sample import Sample, choose
+from spectra.data.slimpajama import corpus_description, read_documents
 from spectra.errors import ConfigError, SpectraError
-from spectra.slimpajama import corpus_description, read_documents
 
 MANIFEST = "manifest.json"
 DOCUMENTS = "documents.parquet"

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 
-from spectra.data import Sample
+from spectra.data.sample import Sample
 from spectra.errors import ConfigError, SpectraError
 
 MANIFEST_GLOB = "manifest*.jsonl"

@@ -24,18 +24,28 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import StrictDataclassError
 from hydra import compose, initialize_config_dir
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.errors import (
+    ConfigCompositionException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from spectra.config import checked_config
-from spectra.data import Sample, load_samples
+from spectra.capture.metrics import _block_rows
+from spectra.config.schema import checked_config
+from spectra.data.load import load_samples
+from spectra.data.sample import Sample
 from spectra.errors import ConfigError, SpectraError
-from spectra.metrics import _block_rows
-from spectra.models import config_shape, load_tokenizer, model_location, resolve_device
-from spectra.resume import ResumeState, fingerprint, inspect_run_directory
+from spectra.models.loading import (
+    config_shape,
+    load_tokenizer,
+    model_location,
+    resolve_device,
+)
+from spectra.store.manifest import ResumeState, fingerprint, inspect_run_directory
 
 # A key whose last part names a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN) only:
 # Hydra copies every override into <run>/.hydra/overrides.yaml before Spectra runs.
@@ -52,7 +62,9 @@ METRIC_BYTES_PER_ROW = {"float32": 3.0, "float16": 1.35, "k_eff": 1.1}
 
 def check_command_line(argv: list[str], conf_dir: str) -> None:
     """Compose the config as `hydra.main` will and check it; raises SpectraError with one line."""
-    from hydra._internal.utils import get_args_parser  # Hydra's own parser, so flags mean what they mean there
+    from hydra._internal.utils import (
+        get_args_parser,  # Hydra's own parser, so flags mean what they mean there
+    )
 
     args = get_args_parser().parse_args(argv)
     if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):

@@ -28,8 +28,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from spectra.distributed import World
 from spectra.errors import ConfigError, SpectraError
+from spectra.launch.distributed import World
 
 HEATMAP_METRICS = ("entropy", "max_attn", "k_eff")
 ARTIFACT_PATHS = ("metrics", "samples.parquet", "run.json")  # what a run directory holds (see writer.py)

@@ -1,12 +1,4 @@
-"""Samples for a capture run: fixed-length token windows, each recorded with where it came from.
-
-    builtin    the standard library's docstrings: real English prose that every Python has, offline
-    synthetic  seeded uniformly random token ids
-    slimpajama SlimPajama-6B (hub or local files), prepared into token shards in data.data_dir first if needed
-    shards     token shards already in data.data_dir (spectra.prepare's, or the prototype's .npz)
-
-Every sample has exactly `data.context_length` tokens, so batches need no padding and no attention mask.
-Which windows a run takes is decided by `data.seed` alone.
+"""The built-in corpus: the standard library's docstrings, real English prose that every Python has, offline.
 
     python -m spectra.run data=builtin data.context_length=256 data.n_samples=4
 """
@@ -16,12 +8,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import DictConfig
-
-from spectra.errors import ConfigError
 
 # Modules with long prose docstrings; a fixed list so the corpus is the same on every machine with the same
 # Python version (the version is recorded in run.json).
@@ -36,15 +24,6 @@ BUILTIN_MODULES = (
     "timeit", "tokenize", "trace", "typing", "unittest.case", "unittest.mock", "urllib.parse", "urllib.request",
     "uuid", "warnings", "weakref", "xml.dom.minidom", "zipfile",
 )  # fmt: skip
-
-
-@dataclass
-class Sample:
-    sample_id: int
-    input_ids: np.ndarray  # (context_length,) int64
-    source: str  # corpus or subset the window came from
-    document_id: str  # document within the source
-    window_index: int  # position of the window within its document (or corpus stream)
 
 
 def module_document(module_name: str) -> str:
@@ -88,38 +67,3 @@ def builtin_windows(tokenizer, context_length: int, add_bos: bool) -> list[tuple
             ids = np.concatenate([[tokenizer.bos_token_id], ids])
         windows.append((ids, documents[owner[start]][0], index))
     return windows
-
-
-def choose(n_available: int, n_samples: int, seed: int, what: str) -> np.ndarray:
-    """Seeded choice of n_samples indices out of n_available, in corpus order."""
-    if n_samples > n_available:
-        raise ConfigError("data.n_samples", f"{n_samples} asked for, but {what} holds only {n_available} windows")
-    return np.sort(np.random.default_rng(seed).choice(n_available, size=n_samples, replace=False))
-
-
-def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int) -> list[Sample]:
-    if data_cfg.add_bos and data_cfg.context_length < 2:
-        raise ConfigError("data.context_length", "must be >= 2 with data.add_bos=true")
-    if data_cfg.name == "builtin":
-        windows = builtin_windows(tokenizer, data_cfg.context_length, data_cfg.add_bos)
-        chosen = choose(len(windows), data_cfg.n_samples, data_cfg.seed, "the built-in corpus")
-        return [
-            Sample(sample_id, windows[i][0], "python-stdlib-docstrings", windows[i][1], windows[i][2])
-            for sample_id, i in enumerate(chosen)
-        ]
-    if data_cfg.name == "synthetic":
-        rng = np.random.default_rng(data_cfg.seed)
-        ids = rng.integers(0, vocab_size, size=(data_cfg.n_samples, data_cfg.context_length), dtype=np.int64)
-        if data_cfg.add_bos:
-            ids[:, 0] = tokenizer.bos_token_id
-        return [Sample(i, ids[i], "synthetic", f"seed-{data_cfg.seed}", i) for i in range(data_cfg.n_samples)]
-    if data_cfg.name in ("slimpajama", "shards"):
-        from spectra.shards import load_windows  # imported here: spectra.shards imports Sample from this module
-
-        windows = load_windows(data_cfg, tokenizer, vocab_size, prepare_if_missing=data_cfg.name == "slimpajama")
-        return windows.samples(
-            data_cfg.context_length, data_cfg.n_samples, data_cfg.seed, data_cfg.add_bos, tokenizer.bos_token_id
-        )
-    raise ConfigError(
-        "data.name", f"unknown data source {data_cfg.name!r}; known: builtin, synthetic, slimpajama, shards"
-    )

@@ -1,0 +1,1 @@
+"""Statistics, figures, reports and exports over finished runs (conf/analyze.yaml)."""

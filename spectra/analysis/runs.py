@@ -1,0 +1,70 @@
+"""Run folders as the analysis reads them: which folders are runs, their records and parts, and what was found."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import polars as pl
+
+from spectra.errors import ConfigError, SpectraError
+
+
+def is_run(folder: Path) -> bool:
+    return (folder / "metrics").is_dir()
+
+
+def job_order(folder: Path) -> tuple:
+    """Hydra names sweep jobs `<num>_<overrides>`: order by the number, so 10 comes after 9."""
+    match = re.match(r"(\d+)", folder.name)
+    return (int(match.group(1)) if match else sys.maxsize, folder.name)
+
+
+def find_runs(run_dir: Any) -> tuple[list[Path], Optional[Path]]:
+    """The run folders named by run_dir, and the sweep folder when one was given (where the comparison goes)."""
+    given = [run_dir] if isinstance(run_dir, str) else list(run_dir)
+    runs, sweep = [], None
+    for name in map(Path, map(str, given)):
+        if not name.is_dir():
+            message = f"{name} is not a folder; give a run folder (holding metrics/) or a sweep folder"
+            raise ConfigError("run_dir", message)
+        if is_run(name):
+            runs.append(name)
+            continue
+        jobs = sorted((sub for sub in name.iterdir() if sub.is_dir() and is_run(sub)), key=job_order)
+        if not jobs:
+            raise ConfigError("run_dir", f"{name} holds no metrics/ folder and no runs; is it a Spectra run folder?")
+        runs += jobs
+        sweep = sweep or name
+    return runs, sweep
+
+
+def run_record(run: Path) -> dict:
+    """run.json, or {} for a run that did not finish (its complete part files are still worth analysing)."""
+    path = run / "run.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def scan_metrics(run: Path) -> pl.LazyFrame:
+    # part-*: the writer's in-progress files end in .inprogress, but be strict anyway.
+    parts = sorted((run / "metrics").glob("part-*.parquet"))
+    if not parts:
+        raise SpectraError(f"{run / 'metrics'}: no part-*.parquet files; did the capture run write any batch?")
+    return pl.scan_parquet(run / "metrics" / "part-*.parquet")
+
+
+@dataclass
+class RunAnalysis:
+    label: str
+    run: Path
+    out: Path
+    record: dict
+    metrics: list[str]
+    heads: pl.DataFrame
+    correlations: pl.DataFrame
+    profile: pl.DataFrame
+    figures: list[Path]

@@ -1,0 +1,1 @@
+"""The attention hook and the pure metric math it feeds (conf/metrics, conf/hardware)."""

@@ -1,0 +1,1 @@
+"""Typed config schemas and the checks run before any work (conf/ holds the YAML)."""

@@ -1,0 +1,1 @@
+"""Ranks and launchers: torchrun, submitit (conf/hydra/launcher)."""

