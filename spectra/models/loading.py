@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numba
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import (
@@ -79,6 +80,8 @@ def load_weights(model_cfg: DictConfig, hardware_cfg: DictConfig) -> PreTrainedM
     dtype = TORCH_DTYPES[hardware_cfg.dtype]
     if hardware_cfg.num_threads:
         torch.set_num_threads(hardware_cfg.num_threads)
+        # The capture's CPU kernels (spectra/capture/cpu_kernels.py) run on Numba's own thread pool.
+        numba.set_num_threads(min(hardware_cfg.num_threads, numba.config.NUMBA_NUM_THREADS))
 
     if model_cfg.source == "random":
         architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
@@ -86,7 +89,10 @@ def load_weights(model_cfg: DictConfig, hardware_cfg: DictConfig) -> PreTrainedM
             raise ConfigError("model.architecture.model_type", "is required for model.source=random")
         config = AutoConfig.for_model(**architecture)
         torch.manual_seed(model_cfg.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # Created on the device in the run's dtype: Llama-3-8B's shape in bf16 on a GPU never takes a 32 GB
+        # float32 copy in host memory.
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         location = model_location(model_cfg)
         options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
