@@ -15,6 +15,9 @@ and, with `extended=True` (metrics=extended), from the same scores at almost no 
     max_logit      max_j s_j, the largest scaled (and, where the model caps, soft-capped) score
     lse            ln sum_j exp(s_j), the log-partition of the scaled scores
     key_norm       ||k_t||_2, the token's own key for the query head's KV head
+    value_norm     ||v_t||_2, the token's own value for the query head's KV head      } filled in by the capture
+    output_norm    ||sum_j p_j v_j||_2, the head's output before o_proj (Kobayashi et } hook from the tensors the
+                   al., 2020: weights alone miss how much each head writes)           } model's attention returns
 
 The scores are the model's: scaling, then soft-capping `softcap * tanh(s / softcap)` (Gemma 2), then the
 causal mask, a sliding window (key j visible from t iff t - j < window, as transformers' masks define it) and
@@ -51,11 +54,14 @@ class AttentionMetrics(NamedTuple):
     max_logit: torch.Tensor | None = None  # (B, H, T) float32
     lse: torch.Tensor | None = None  # (B, H, T) float32
     key_norm: torch.Tensor | None = None  # (B, H, T) float32
+    value_norm: torch.Tensor | None = None  # (B, H, T) float32, set by capture.hook
+    output_norm: torch.Tensor | None = None  # (B, H, T) float32, set by capture.hook
 
 
 METRIC_FIELDS = AttentionMetrics._fields
 DEFAULT_METRIC_FIELDS = METRIC_FIELDS[:4]  # the four every run writes unless metrics.names says otherwise
 EXTENDED_METRIC_FIELDS = METRIC_FIELDS[4:]  # computed only when one of them is asked for
+OUTPUT_METRIC_FIELDS = ("value_norm", "output_norm")  # need the attention's output: set by the capture hook
 
 
 def k_eff_from_probs(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -156,7 +162,11 @@ def attention_metrics(
     q = (query.float() * scaling).view(batch, kv_heads, groups, seq_len, head_dim)  # (B, KV, G, T, D)
     k_t = key.float().transpose(-1, -2)  # (B, KV, D, T)
 
-    out = {name: torch.empty(batch, heads, seq_len, dtype=torch.float32, device=device) for name in METRIC_FIELDS}
+    out = {
+        name: torch.empty(batch, heads, seq_len, dtype=torch.float32, device=device)
+        for name in METRIC_FIELDS
+        if name not in OUTPUT_METRIC_FIELDS
+    }
     out["k_eff"] = torch.empty(batch, heads, seq_len, dtype=torch.int32, device=device)
     out["query_norm"] = query_norm
     if extended:
@@ -196,7 +206,7 @@ def attention_metrics(
         for name, values in block_metrics.items():
             out[name][:, :, start:stop] = values.reshape(batch, heads, block)
 
-    return AttentionMetrics(*(out[name] if name in out and (extended or name in DEFAULT_METRIC_FIELDS) else None
+    return AttentionMetrics(*(out.get(name) if extended or name in DEFAULT_METRIC_FIELDS else None
                               for name in METRIC_FIELDS))
 
 
