@@ -60,6 +60,16 @@ def smollm2():
     return load_model(cfg.model, cfg.hardware)
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (assembled once into the user cache, dequantized from its GGUF), loaded once.
+    Weights only: parsing the GGUF's 262,144-token vocabulary again for the tokenizer costs ~15 s."""
+    from spectra.models.loading import load_weights
+
+    cfg = compose_config("model=gemma3_270m")
+    return load_weights(cfg.model, cfg.hardware)
+
+
 def run_spectra_inprocess(*argv: str) -> tuple[int, str, str]:
     """`python -m spectra.run <argv>` in this process (no interpreter start-up): (exit code, stdout, stderr).
 

@@ -2,7 +2,8 @@
 
 Three sources, one per kind of checkpoint Spectra meets:
     hub     a Hugging Face id or a local checkpoint directory (`model.path` wins when set)
-    gguf    a GGUF file, dequantized on load; the embedded default ships inside a Python package
+    gguf    a GGUF file, dequantized on load; the embedded default ships inside a Python package, and
+            model=gemma3_270m is assembled from chunk packages into the user cache once (assembled.py)
     random  freshly initialised weights from `model.architecture` (seeded), for tests
 
     python -m spectra.run model=tiny_llama data=synthetic --cfg job
@@ -24,6 +25,7 @@ from transformers import (
 )
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.models.assembled import assembled_file
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -54,6 +56,8 @@ def model_location(model_cfg: DictConfig) -> str:
         if not Path(model_cfg.path).is_dir():
             raise ConfigError("model.path", f"'{model_cfg.path}' is not a directory holding a checkpoint")
         return model_cfg.path
+    if model_cfg.package and model_cfg.assembled:
+        return str(assembled_file(model_cfg.package, model_cfg.gguf_file).parent)
     if model_cfg.package:
         return str(package_dir(model_cfg.package))
     if not model_cfg.name_or_path:
