@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from spectra.run import CONF_DIR  # noqa: E402
+from spectra.config.paths import config_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,7 +47,7 @@ def run_spectra(tmp_path: Path, *overrides: str, module: str = "spectra.run", ti
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 
