@@ -17,8 +17,10 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from spectra.config.paths import config_dir  # noqa: E402
+from spectra.config.schema import register_configs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+register_configs()  # the schemas the YAML files start from (the entrypoints register them on import)
 
 
 def test_env(tmp_path: Path) -> dict[str, str]:
