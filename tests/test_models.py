@@ -124,6 +124,6 @@ def test_hub_config_refuses_what_it_cannot_measure(tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [
         "spectra: error: model.name_or_path: is empty; name the model: model.name_or_path=<org/name on the hub, or "
-        "a local checkpoint folder>"
+        "a local folder>"
     ]
     assert not (tmp_path / "unnamed").exists()  # refused before Hydra made a run directory

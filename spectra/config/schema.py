@@ -143,11 +143,6 @@ def checked_config(cfg: DictConfig) -> DictConfig:
 
     _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", "must be one of hub, gguf, random")
     _require(
-        cfg.model.source != "hub" or bool(cfg.model.name_or_path or cfg.model.path),
-        "model.name_or_path",
-        "is empty; name the model: model.name_or_path=<org/name on the hub, or a local checkpoint folder>",
-    )
-    _require(
         not cfg.model.assembled or bool(cfg.model.package and cfg.model.gguf_file),
         "model.assembled",
         "needs model.package (the package that assembles the file) and model.gguf_file (its name)",

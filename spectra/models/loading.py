@@ -61,7 +61,9 @@ def model_location(model_cfg: DictConfig) -> str:
     if model_cfg.package:
         return str(package_dir(model_cfg.package))
     if not model_cfg.name_or_path:
-        raise ConfigError("model.name_or_path", "is empty; set a hub id or model.path=<checkpoint dir>")
+        raise ConfigError(
+            "model.name_or_path", "is empty; name the model: model.name_or_path=<org/name on the hub, or a local folder>"
+        )
     return model_cfg.name_or_path
 
 
