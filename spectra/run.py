@@ -100,7 +100,7 @@ def capture(
     started_at = datetime.now(timezone.utc).isoformat()
     plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
 
-    model = load_weights(cfg.model, cfg.hardware)  # preflight already checked the config and tokenized
+    model = load_weights(cfg.model, cfg.hardware, plan.model_config)  # preflight read the config and tokenized
     shape = describe(model)
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
