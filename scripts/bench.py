@@ -42,7 +42,7 @@ from spectra.config.schema import checked_config, register_configs  # noqa: E402
 from spectra.data.load import load_samples  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
 from spectra.models.loading import load_model  # noqa: E402
-from spectra.run import CONF_DIR  # noqa: E402
+from spectra.config.paths import config_dir  # noqa: E402
 from spectra.store.writer import PartWriter, metric_schema  # noqa: E402
 
 
@@ -213,7 +213,7 @@ def main(argv: list[str]) -> None:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
 
     register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = checked_config(compose(config_name="config", overrides=overrides))
     model, tokenizer = load_model(cfg.model, cfg.hardware)
     info = machine()

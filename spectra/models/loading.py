@@ -2,7 +2,8 @@
 
 Three sources, one per kind of checkpoint Spectra meets:
     hub     a Hugging Face id or a local checkpoint directory (`model.path` wins when set)
-    gguf    a GGUF file, dequantized on load; the embedded default ships inside a Python package
+    gguf    a GGUF file, dequantized on load; the embedded default ships inside a Python package, and
+            model=gemma3_270m is assembled from chunk packages into the user cache once (assembled.py)
     random  freshly initialised weights from `model.architecture` (seeded), for tests
 
     python -m spectra.run model=tiny_llama data=synthetic --cfg job
@@ -25,6 +26,7 @@ from transformers import (
 )
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.models.assembled import assembled_file
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -55,10 +57,14 @@ def model_location(model_cfg: DictConfig) -> str:
         if not Path(model_cfg.path).is_dir():
             raise ConfigError("model.path", f"'{model_cfg.path}' is not a directory holding a checkpoint")
         return model_cfg.path
+    if model_cfg.package and model_cfg.assembled:
+        return str(assembled_file(model_cfg.package, model_cfg.gguf_file).parent)
     if model_cfg.package:
         return str(package_dir(model_cfg.package))
     if not model_cfg.name_or_path:
-        raise ConfigError("model.name_or_path", "is empty; set a hub id or model.path=<checkpoint dir>")
+        raise ConfigError(
+            "model.name_or_path", "is empty; name the model: model.name_or_path=<org/name on the hub, or a local folder>"
+        )
     return model_cfg.name_or_path
 
 
@@ -74,8 +80,12 @@ def load_model(model_cfg: DictConfig, hardware_cfg: DictConfig) -> tuple[PreTrai
     return load_weights(model_cfg, hardware_cfg), load_tokenizer(model_cfg, location)
 
 
-def load_weights(model_cfg: DictConfig, hardware_cfg: DictConfig) -> PreTrainedModel:
-    """The model alone, in eval mode on its device (a run has its tokenizer from preflight already)."""
+def load_weights(
+    model_cfg: DictConfig, hardware_cfg: DictConfig, config: PretrainedConfig | None = None
+) -> PreTrainedModel:
+    """The model alone, in eval mode on its device (a run has its tokenizer from preflight already). `config`, when
+    preflight has read it, is not read again: for a GGUF file that means parsing its whole vocabulary (~10 s for
+    Gemma 3's 262,144 tokens)."""
     device = resolve_device(hardware_cfg.device)
     dtype = TORCH_DTYPES[hardware_cfg.dtype]
     if hardware_cfg.num_threads:
@@ -96,6 +106,8 @@ def load_weights(model_cfg: DictConfig, hardware_cfg: DictConfig) -> PreTrainedM
     else:
         location = model_location(model_cfg)
         options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        if config is not None:
+            options["config"] = config
         if model_cfg.source == "gguf":
             if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
                 raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
