@@ -60,7 +60,7 @@ def eager_reference(model, input_ids: torch.Tensor, threshold: float = 0.9) -> d
 
 def recorded_eager_attention(model, input_ids: torch.Tensor, monkeypatch) -> tuple[list[tuple], tuple]:
     """Runs a float64 copy of the model with eager attention and output_attentions=True, keeping what each layer
-    handed its `eager_attention_forward`: [(query, key, mask, scaling, softcap)] per layer, and the attention
+    handed its `eager_attention_forward`: [(query, key, value, mask, scaling, softcap)] per layer, and the attention
     weights eager returned. Query and key are the ones the model attends with (after RoPE and any q/k norm)."""
     reference = copy.deepcopy(model).to(torch.float64)
     reference.set_attn_implementation("eager")
@@ -69,7 +69,7 @@ def recorded_eager_attention(model, input_ids: torch.Tensor, monkeypatch) -> tup
     eager, received = modeling.eager_attention_forward, []
 
     def recorder(module, query, key, value, attention_mask, **kwargs):
-        received.append((query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
+        received.append((query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
         return eager(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setattr(modeling, "eager_attention_forward", recorder)
@@ -88,7 +88,13 @@ def causal_mask(seq_len: int, window: int | None) -> torch.Tensor:
 
 
 def reference_metrics(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, threshold: float, window: int | None, softcap=None
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    threshold: float,
+    window: int | None,
+    softcap=None,
+    value: torch.Tensor | None = None,
 ) -> tuple[dict[str, np.ndarray], torch.Tensor]:
     """Every metric of one layer, naively in float64 over the full T x T matrix, with a causal mask built here
     (query t sees keys t - window < j <= t when window is set); returns (metrics, p as (B, H, T, T))."""
@@ -110,4 +116,8 @@ def reference_metrics(
         "key_norm": key.norm(dim=-1).numpy(),
         "visible_keys": allowed.sum(-1).expand(probs.shape[:-1]).numpy(),
     }
+    if value is not None:
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # (B, H, T, D)
+        metrics["value_norm"] = value.norm(dim=-1).numpy()
+        metrics["output_norm"] = (probs @ value).norm(dim=-1).numpy()  # the head's output before o_proj
     return metrics, probs

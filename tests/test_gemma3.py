@@ -51,8 +51,10 @@ def measured(gemma3, input_ids):
     with pytest.MonkeyPatch.context() as monkeypatch:
         received, weights = recorded_eager_attention(gemma3, input_ids, monkeypatch)
     reference = []
-    for (query, key, mask, scaling, softcap), eager_probs, window in zip(received, weights, layer_windows(gemma3)):
-        metrics, probs = reference_metrics(query, key, scaling, THRESHOLD, window, softcap)
+    for (query, key, value, mask, scaling, softcap), eager_probs, window in zip(
+        received, weights, layer_windows(gemma3)
+    ):
+        metrics, probs = reference_metrics(query, key, scaling, THRESHOLD, window, softcap, value)
         # The mask built here is the model's own, and so is p (eager upcasts its softmax to float32).
         assert torch.equal((mask == 0)[0, 0], causal_mask(SEQ_LEN, window))
         torch.testing.assert_close(probs, eager_probs, rtol=0, atol=1e-6)
