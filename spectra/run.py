@@ -46,6 +46,7 @@ from spectra.launch.distributed import (
     summed,
 )
 from spectra.models.loading import describe, load_weights
+from spectra.models.windows import attention_windows
 from spectra.store.manifest import (
     Manifest,
     batch_done,
@@ -103,7 +104,8 @@ def capture(
     plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
 
     model = load_weights(cfg.model, cfg.hardware)  # preflight already checked the config and tokenized
-    shape = describe(model)
+    # attention_windows: the keys each layer's queries see, which the analysis divides its ratios by.
+    shape = {**describe(model), "attention_windows": attention_windows(model.config)}
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
     if world.is_main:
