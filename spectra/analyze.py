@@ -36,6 +36,7 @@ from spectra.analysis.exports import VIEWS_FILE, ViewSource, duckdb_views, expor
 from spectra.analysis.runs import RunAnalysis, find_runs, run_record, scan_metrics
 from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
 from spectra.config.schema import LoggerConfig, register_configs
+from spectra.config.validate import flags_first
 from spectra.errors import ConfigError, SpectraError
 from spectra.store.writer import write_parquet_atomic
 from spectra.tracking.tracker import (
@@ -228,6 +229,15 @@ def swept_keys(records: list[dict]) -> list[str]:
     ]  # fmt: skip
 
 
+def sweep_axes(comparison: pl.DataFrame, keys: list[str]) -> tuple[str, list[str]]:
+    """(x, the other swept keys): x is the swept key with the most distinct values, numeric keys first (a line
+    over context lengths reads better than one over model names); no swept key: the run label."""
+    if not keys:
+        return "run", []
+    x = max(keys, key=lambda k: (comparison[k].dtype.is_numeric(), comparison[k].n_unique()))
+    return x, [k for k in keys if k != x]
+
+
 def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, list[Path]]:
     """comparison.parquet: one row per (run, layer) with the swept config values and per-layer means."""
     keys = swept_keys([a.record for a in analyses])
@@ -239,9 +249,9 @@ def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, 
     comparison = pl.concat(tables, how="diagonal_relaxed").select("run", *keys, pl.exclude("run", *keys))
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(comparison.to_arrow(), out / "comparison.parquet")
-    x = next((k for k in keys if comparison[k].dtype.is_numeric()), keys[0] if keys else "run")
+    x, others = sweep_axes(comparison, keys)
     figures = [
-        plots.sweep_lines(comparison, x, metric, out / "figures" / f"sweep_{metric}.png")
+        plots.sweep_lines(comparison, x, others, metric, out / "figures" / f"sweep_{metric}.png")
         for metric in SWEEP_METRICS
         if metric in comparison.columns
     ]
@@ -312,6 +322,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
     if several:
         out = base or (sweep or Path(os.path.commonpath(runs))) / "analysis"
         comparison, figures = compare_runs(analyses, out)
+        remove_stale(out, set(figures))
         report.write_sweep_report(analyses, comparison, figures, out / "report.md")
         duckdb_views([view_source(a) for a in analyses], out / VIEWS_FILE)
         reports.append(out / "report.md")
@@ -329,9 +340,19 @@ def main(cfg: DictConfig) -> None:
     try:
         analyze(cfg)
     except SpectraError as error:
-        print(f"spectra.analyze: error: {error}", file=sys.stderr)
+        print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m spectra.analyze`: flags anywhere; a command-line mistake is one line, not argparse's usage."""
+    try:
+        sys.argv[1:] = flags_first(sys.argv[1:])
+    except SpectraError as error:
+        print(f"spectra: error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

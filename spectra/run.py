@@ -16,6 +16,7 @@ Reads top to bottom: check config -> load model -> load samples -> capture batch
 
 from __future__ import annotations
 
+import json
 import platform
 import signal
 import sys
@@ -34,7 +35,13 @@ import spectra
 from spectra.capture.hook import AttentionCapture, metrics_to_host
 from spectra.capture.numerics import NumericsGuard, nonfinite_summary
 from spectra.config.schema import checked_config, register_configs
-from spectra.config.validate import Plan, check_command_line, dry_run_report, preflight
+from spectra.config.validate import (
+    Plan,
+    check_command_line,
+    dry_run_report,
+    flags_first,
+    preflight,
+)
 from spectra.errors import SpectraError
 from spectra.launch.distributed import (
     World,
@@ -89,6 +96,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def finished_run_timing(out: Path, plan: Plan, samples: int) -> dict | None:
+    """A resume of a run that had finished captures nothing: keep the timings of the attempts that did the work
+    (this attempt's would read 0 tokens/s). None when there is work left, or no earlier run.json."""
+    record = out / "run.json"
+    if len(plan.resume.completed) < samples or not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text()).get("timing")
+    except (OSError, ValueError):
+        return None
+
+
 def capture(
     cfg: DictConfig,
     out: Path | None = None,
@@ -108,6 +127,7 @@ def capture(
     shape = {**describe(model), "attention_windows": attention_windows(model.config)}
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
+    earlier_timing = finished_run_timing(out, plan, len(samples)) if world.is_main else None
     if world.is_main:
         delete_leftovers(plan.resume)
     gathered(world, None)  # rank 0 has deleted the leftovers before any rank writes a part of the same name
@@ -174,7 +194,7 @@ def capture(
             "samples_resumed": resumed_samples,
         },
         "nonfinite": nonfinite_summary(gathered(world, guard.counts)),
-        "timing": {
+        "timing": earlier_timing or {
             "started_at": started_at,
             "wall_seconds": time.perf_counter() - started,
             "capture_seconds": capture_seconds,
@@ -247,6 +267,7 @@ def _stop_on_sigterm(signum: int, _frame) -> None:
 def cli() -> None:
     """`python -m spectra.run`: a bad command line ends in one line, before Hydra creates a run directory."""
     try:
+        sys.argv[1:] = flags_first(sys.argv[1:])  # `-m` anywhere: Hydra reads sys.argv itself
         check_command_line(sys.argv[1:], CONF_DIR)
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
