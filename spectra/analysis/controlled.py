@@ -13,7 +13,8 @@ draws, so a token-level p-value overstates certainty. Per (layer, head) and metr
                       replacement, never single tokens; the ranks stay those of the full data.
     partial_p         two-sided one-sample t-test, across samples, of each sample's share of the numerator
                       (sum over its tokens of the products of the two residuals): samples are the
-                      independent units, so there are S - 1 degrees of freedom, not S x T - 2.
+                      independent units, so there are S - 1 degrees of freedom, not S x T - 2 (undefined
+                      below 3 samples: two samples centred on their mean contribute equally by construction).
     partial_q         Benjamini-Hochberg q-value over all heads of the run, for the same y: the smallest false
                       discovery rate at which this head's partial_p would count as a discovery.
 
@@ -78,7 +79,8 @@ def head_partial(x: np.ndarray, y: np.ndarray, counts: np.ndarray) -> tuple[floa
     tail = (1 - CI_LEVEL) / 2 * 100
     low, high = np.nanpercentile(boot, [tail, 100 - tail]) if np.isfinite(boot).any() else (np.nan, np.nan)
     contributions = sample_contributions(rx, ry)
-    p = stats.ttest_1samp(contributions, 0.0).pvalue if contributions.std() > 0 else np.nan
+    # Two samples centred on their own mean are mirror images: both contribute the same, so no test exists.
+    p = stats.ttest_1samp(contributions, 0.0).pvalue if samples >= 3 and contributions.std() > 0 else np.nan
     return float(r), float(low), float(high), float(p)
 
 

@@ -83,7 +83,7 @@ def flags_first(argv: list[str]) -> list[str]:
     takes_value = {
         option: action.nargs for action in parser._actions for option in action.option_strings if action.nargs != 0
     }
-    flags, overrides = [], []
+    flags, overrides, last = [], [], []
     i = 0
     while i < len(argv):
         token = argv[i]
@@ -91,17 +91,25 @@ def flags_first(argv: list[str]) -> list[str]:
         if not token.startswith("-"):
             overrides.append(token)
             continue
-        flags.append(token)
         following = argv[i] if i < len(argv) else None
-        nargs = takes_value.get(token)  # not there: a switch, or the value given as --flag=value
-        # nargs "?" (--info [topic]): the next token is its value unless it is an override or another flag.
-        if token in takes_value and following is not None and not (
-            nargs == "?" and ("=" in following or following.startswith("-"))
-        ):
-            flags.append(following)
+        if token not in takes_value:  # a switch, or the value given as --flag=value
+            flags.append(token)
+        elif takes_value[token] != "?":
+            if following is None:  # its value is missing: last, so argparse says so rather than eat an override
+                last.append(token)
+            else:
+                flags += [token, following]
+                i += 1
+        # nargs "?" (--info [topic]): the next token is its value unless it is an override or another flag; with
+        # no value it goes last, where it cannot swallow an override.
+        elif following is None or "=" in following or following.startswith("-"):
+            last.append(token)
+        else:
+            flags += [token, following]
             i += 1
-    parser.parse_args(flags + overrides)  # any other argparse-level mistake: one line
-    return flags + overrides
+    argv = flags + overrides + last
+    parser.parse_args(argv)  # any other argparse-level mistake: one line
+    return argv
 
 
 def first_job(overrides: list[str]) -> list[str]:
