@@ -87,7 +87,9 @@ def duckdb_views(runs: Sequence[ViewSource], path: Path) -> Path:
     def with_ratios(source: ViewSource) -> str:
         visible = sql_visible(source.windows)
         ratios = [
-            f"{sql.format(visible=visible)} AS {name}" for name, (base, sql) in SQL_RATIOS.items() if base in source.metrics
+            f"{sql.format(visible=visible)} AS {name}"
+            for name, (base, sql) in SQL_RATIOS.items()
+            if base in source.metrics
         ]
         return ", ".join(["*", *ratios])
 

@@ -86,11 +86,12 @@ def describe_windows(windows) -> str:
             sliding.setdefault(rule, []).append(str(layer))
     if not sliding:
         return "Every layer attends to all earlier tokens: n = t + 1."
-    parts = [
-        f"layer{'s' * (len(layers) > 1)} {', '.join(layers)}: " + (f"a sliding window of W = {rule} keys (n = min(t + 1, {rule}))"
-                                          if isinstance(rule, int) else f"the rule {rule!r} (ratios left out)")
-        for rule, layers in sliding.items()
-    ]  # fmt: skip
+    parts = []
+    for rule, layers in sliding.items():
+        what = f"a sliding window of W = {rule} keys, n = min(t + 1, {rule})" if isinstance(rule, int) else (
+            f"the rule {rule!r} (ratios left out)"
+        )
+        parts.append(f"layer{'s' * (len(layers) > 1)} {', '.join(layers)}: {what}")
     return "Attention windows: " + "; ".join(parts) + "; other layers full, n = t + 1."
 
 

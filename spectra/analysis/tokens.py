@@ -60,7 +60,8 @@ def tokens_table(samples: pl.DataFrame, tokenizer, context: int = CONTEXT) -> pl
     vocabulary = np.unique(np.concatenate([np.asarray(ids) for ids in samples["input_ids"].to_list()]))
     # Each id decoded once; a context is its pieces laid end to end (a character split over two byte-level
     # pieces shows as U+FFFD, which a display can live with).
-    pieces = dict(zip(vocabulary.tolist(), map(visible_text, tokenizer.batch_decode([[i] for i in vocabulary], clean_up_tokenization_spaces=False))))
+    texts = tokenizer.batch_decode([[i] for i in vocabulary], clean_up_tokenization_spaces=False)
+    pieces = dict(zip(vocabulary.tolist(), map(visible_text, texts)))
     columns: dict[str, list] = {name: [] for name in TOKEN_SCHEMA}
     for sample_id, ids in zip(samples["sample_id"].to_list(), samples["input_ids"].to_list()):
         text = [pieces[i] for i in ids]
