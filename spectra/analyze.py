@@ -121,10 +121,12 @@ def run_figures(
     cfg: DictConfig, folder: Path,
 ) -> list[Path]:  # fmt: skip
     """Heatmaps of every metric's mean and every correlation's r, position profiles, density plots."""
+    # The usual metrics first, then any other column the run holds (a metric added to the capture later).
+    present = [c.removesuffix("_mean") for c in heads.columns if c.endswith("_mean")]
+    ordered = [m for m in HEATMAP_METRICS if m in present] + [m for m in present if m not in HEATMAP_METRICS]
     figures = [
         plots.head_heatmap(heads, f"{metric}_mean", f"{label}: mean {metric}", folder / f"heatmap_{metric}.png")
-        for metric in HEATMAP_METRICS
-        if f"{metric}_mean" in heads.columns
+        for metric in ordered
     ]
     for y in correlations["y"].unique().sort().to_list():
         title = f"{label}: Spearman r(query_norm, {y}), t >= {cfg.skip_positions}"

@@ -78,3 +78,29 @@ def test_sweep_axis_is_the_key_that_varies_most():
     assert sweep_axes(comparison, ["data.context_length", "data.n_samples"]) == ("data.context_length", ["data.n_samples"])
     assert sweep_axes(comparison, ["data.n_samples", "model.name"]) == ("data.n_samples", ["model.name"])
     assert sweep_axes(comparison, []) == ("run", [])
+
+
+def test_an_extra_metric_column_is_analysed_like_the_others(analysed, tmp_path):
+    """A metric the capture adds later (value_norm, output_norm) needs no change here: summaries, correlations,
+    heatmaps and the SQL views pick up any numeric column that is not a key."""
+    from test_analyze import analyze_config
+
+    from spectra.analysis.exports import open_views
+    from spectra.analyze import analyze
+
+    run = tmp_path / "run"
+    shutil.copytree(analysed, run, ignore=shutil.ignore_patterns("analysis"))
+    for part in sorted((run / "metrics").glob("part-*.parquet")):
+        frame = pl.read_parquet(part)
+        frame.with_columns((pl.col("query_norm") * 2 + 1).cast(pl.Float32).alias("value_norm")).write_parquet(part)
+    analyze(analyze_config(f"run_dir={run}", "bootstrap=20"))
+    out = run / "analysis"
+    heads = pl.read_parquet(out / "heads.parquet")
+    expected = pl.concat([pl.read_parquet(p) for p in sorted((run / "metrics").glob("part-*.parquet"))])
+    means = expected.group_by("layer", "head").agg(pl.col("value_norm").cast(pl.Float64).mean()).sort("layer", "head")
+    assert heads.sort("layer", "head")["value_norm_mean"].to_list() == pytest.approx(means["value_norm"].to_list(), rel=1e-12)
+    correlations = pl.read_parquet(out / "correlations.parquet").filter(pl.col("y") == "value_norm")
+    # value_norm = 2 query_norm + 1: the same ranks, so the partial correlation is exactly 1.
+    assert correlations.height == 24 and correlations["partial_r"].to_list() == pytest.approx([1.0] * 24)
+    assert (out / "figures" / "heatmap_value_norm.png").is_file()
+    assert open_views(out).execute("SELECT count(value_norm) FROM metrics").fetchone()[0] == expected.height
