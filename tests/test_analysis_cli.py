@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import REPO, run_spectra
+from conftest import run_spectra
 from conftest import test_env as subprocess_env  # as: pytest would collect a test_* name
 from test_analyze import analyze_cli
 
