@@ -7,8 +7,10 @@
     python -m spectra.analyze run_dir=<run> skip_positions=0 heads=[[0,3],[2,5]] export=csv logger=wandb
     python -m spectra.analyze --cfg job                                                   # the documented config
 
-Per run it writes, under <run>/analysis/ (or output_dir): heads.parquet, correlations.parquet, positions.parquet,
-figures/*.png, report.md, duckdb_views.sql, and with export=csv metrics.csv. Several runs add comparison.parquet,
+Per run it writes, under <run>/analysis/ (or output_dir): heads.parquet, correlations.parquet (token-level and
+position-controlled, with bootstrap intervals over samples and q-values), positions.parquet, tokens.parquet and
+top_tokens.parquet (token text, when the run's tokenizer loads), figures/*.png, report.md, duckdb_views.sql
+(python -m spectra.sql <run>), and with export=csv metrics.csv. Several runs add comparison.parquet,
 a figure and report.md in the sweep folder's analysis/ (or output_dir). Reads top to bottom: check config ->
 find runs -> per run: statistics -> tables -> figures -> report -> exports; then the comparison; then W&B.
 Statistics live in spectra/analysis/head_stats.py, figures in plots.py, the report in report.py (same folder).
@@ -28,10 +30,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spectra.analysis import head_stats, plots, report
-from spectra.analysis.exports import duckdb_views, export_csv
+from spectra.analysis.controlled import position_controlled, with_q_values
+from spectra.analysis.exports import VIEWS_FILE, ViewSource, duckdb_views, export_csv
 from spectra.analysis.runs import RunAnalysis, find_runs, run_record, scan_metrics
+from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
 from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import LoggerConfig, register_configs
+from spectra.config.validate import flags_first
 from spectra.errors import ConfigError, SpectraError
 from spectra.store.writer import write_parquet_atomic
 from spectra.tracking.tracker import (
@@ -50,6 +55,9 @@ class AnalyzeConfig:
     run_dir: Any = None  # a run folder, a list of them ([a,b]), or a multirun (sweep) folder holding runs
     output_dir: Optional[str] = None  # None: <run>/analysis for each run, <sweep>/analysis for the comparison
     skip_positions: int = 2  # correlations leave out token positions t < this (at t = 0 a query sees one key)
+    bootstrap: int = 1000  # resamples of whole samples for the position-controlled correlations' 95% intervals
+    seed: int = 0  # the bootstrap's seed: the same seed and runs give the same intervals
+    top_tokens: int = 3  # per layer, the report lists this many tokens for each highlight (query norm, ...)
     heads: list[Any] = field(default_factory=list)  # [[layer, head], ...] for density plots; []: the strongest
     top_heads: int = 4  # rows of the report's strongest-heads table; density plots when `heads` is empty
     export: str = "none"  # none | csv: also write analysis/metrics.csv (the prototype's CSV layout)
@@ -72,8 +80,9 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError("run_dir", "required: python -m spectra.analyze run_dir=<run folder or sweep folder>")
     if cfg.skip_positions < 0:
         raise ConfigError("skip_positions", f"must be >= 0, got {cfg.skip_positions}")
-    if cfg.top_heads < 1:
-        raise ConfigError("top_heads", f"must be >= 1, got {cfg.top_heads}")
+    for key in ("top_heads", "top_tokens", "bootstrap"):
+        if cfg[key] < 1:
+            raise ConfigError(key, f"must be >= 1, got {cfg[key]}")
     if cfg.export not in ("none", "csv"):
         raise ConfigError("export", f"must be none or csv, got {cfg.export!r}")
     if cfg.logger.name not in ("none", "wandb"):
@@ -93,10 +102,10 @@ def check_heads(heads: list, layers: list[int], n_heads: int) -> None:
 
 
 def density_heads(cfg: DictConfig, correlations: pl.DataFrame) -> list[tuple[int, int]]:
-    """The heads asked for, or else the strongest query_norm-vs-entropy heads."""
+    """The heads asked for, or else the strongest position-controlled query_norm-vs-entropy heads."""
     if cfg.heads:
         return [tuple(pair) for pair in cfg.heads]
-    strongest = head_stats.strongest_heads(correlations, "entropy", cfg.top_heads)
+    strongest = head_stats.strongest_heads(correlations, "entropy", cfg.top_heads, "partial_r")
     return list(zip(strongest["layer"].to_list(), strongest["head"].to_list()))
 
 
@@ -111,10 +120,12 @@ def run_figures(
     cfg: DictConfig, folder: Path,
 ) -> list[Path]:  # fmt: skip
     """Heatmaps of every metric's mean and every correlation's r, position profiles, density plots."""
+    # The usual metrics first, then any other column the run holds (a metric added to the capture later).
+    present = [c.removesuffix("_mean") for c in heads.columns if c.endswith("_mean")]
+    ordered = [m for m in HEATMAP_METRICS if m in present] + [m for m in present if m not in HEATMAP_METRICS]
     figures = [
         plots.head_heatmap(heads, f"{metric}_mean", f"{label}: mean {metric}", folder / f"heatmap_{metric}.png")
-        for metric in HEATMAP_METRICS
-        if f"{metric}_mean" in heads.columns
+        for metric in ordered
     ]
     for y in correlations["y"].unique().sort().to_list():
         title = f"{label}: Spearman r(query_norm, {y}), t >= {cfg.skip_positions}"
@@ -132,27 +143,71 @@ def run_figures(
     return figures
 
 
+def correlation_table(lf: pl.LazyFrame, metrics: list[str], layers: list[int], cfg: DictConfig) -> pl.DataFrame:
+    """Token-level Pearson/Spearman and the position-controlled partial r, interval, p and q, per (layer, head, y)."""
+    skip = cfg.skip_positions
+    plain = head_stats.by_layer(lambda rows: head_stats.head_correlations(rows, skip), lf, layers)
+    controlled = head_stats.by_layer(
+        lambda rows: position_controlled(rows, metrics, skip, cfg.bootstrap, cfg.seed), lf, layers
+    )
+    return plain.join(with_q_values(controlled), on=["layer", "head", "y"], how="left")
+
+
+def token_text(run: Path, record: dict, lf: pl.LazyFrame, windows, cfg: DictConfig, out: Path):
+    """tokens.parquet and top_tokens.parquet, or (None, why not) when the run's tokenizer cannot be had."""
+    if not (run / "samples.parquet").is_file():
+        return None, "no samples.parquet in the run"
+    tokenizer, why = run_tokenizer(record)
+    if tokenizer is None:
+        return None, why
+    tokens = write_tokens(run / "samples.parquet", tokenizer, out / "tokens.parquet")
+    top = top_tokens(lf, tokens, windows, cfg.skip_positions, cfg.top_tokens)
+    write_parquet_atomic(top.to_arrow(), out / "top_tokens.parquet")
+    return top, ""
+
+
+def remove_stale(out: Path, written: set[Path]) -> None:
+    """Files an earlier analysis wrote into this folder that this one did not (a CSV export, figures of other
+    heads, token tables whose tokenizer no longer loads): left alone, they would pass for current results."""
+    candidates = [out / name for name in ("metrics.csv", "tokens.parquet", "top_tokens.parquet")]
+    candidates += list((out / "figures").glob("*.png"))
+    for path in candidates:
+        if path not in written:
+            path.unlink(missing_ok=True)
+
+
 def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
     lf = scan_metrics(run)
     record = run_record(run)
+    windows = record.get("model", {}).get("attention_windows")  # None: a run from before they were recorded
     metrics = head_stats.metric_columns(lf)
     layers = head_stats.layers_of(lf)
     check_heads(cfg.heads, layers, int(lf.select(pl.col("head").max()).collect().item()) + 1)
 
-    heads = head_stats.by_layer(head_stats.head_summary, lf, layers)
-    correlations = head_stats.by_layer(lambda rows: head_stats.head_correlations(rows, cfg.skip_positions), lf, layers)
-    profile = head_stats.position_profile(lf)
+    heads = head_stats.by_layer(lambda rows: head_stats.head_summary(rows, windows), lf, layers)
+    correlations = correlation_table(lf, metrics, layers, cfg)
+    profile = head_stats.position_profile(lf, windows)
     out.mkdir(parents=True, exist_ok=True)
     for name, table in (("heads", heads), ("correlations", correlations), ("positions", profile)):
         write_parquet_atomic(table.to_arrow(), out / f"{name}.parquet")
+    top, tokens_note = token_text(run, record, lf, windows, cfg, out)
 
     figures = run_figures(lf, label, heads, correlations, profile, cfg, out / "figures")
-    analysis = RunAnalysis(label, run, out, record, metrics, heads, correlations, profile, figures)
+    analysis = RunAnalysis(label, run, out, record, metrics, heads, correlations, profile, figures, windows, top,
+                           tokens_note)  # fmt: skip
     report.write_run_report(analysis, cfg.skip_positions, cfg.top_heads, out / "report.md")
-    duckdb_views([(label, run, out, metrics)], out / "duckdb_views.sql")
+    duckdb_views([view_source(analysis)], out / VIEWS_FILE)
+    written = set(figures)
     if cfg.export == "csv":
-        export_csv(lf, out / "metrics.csv")
+        written.add(export_csv(lf, out / "metrics.csv"))
+    if top is not None:
+        written |= {out / "tokens.parquet", out / "top_tokens.parquet"}
+    remove_stale(out, written)
     return analysis
+
+
+def view_source(a: RunAnalysis) -> ViewSource:
+    return ViewSource(a.label, a.run, a.out, a.metrics, a.windows)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -175,6 +230,15 @@ def swept_keys(records: list[dict]) -> list[str]:
     ]  # fmt: skip
 
 
+def sweep_axes(comparison: pl.DataFrame, keys: list[str]) -> tuple[str, list[str]]:
+    """(x, the other swept keys): x is the swept key with the most distinct values, numeric keys first (a line
+    over context lengths reads better than one over model names); no swept key: the run label."""
+    if not keys:
+        return "run", []
+    x = max(keys, key=lambda k: (comparison[k].dtype.is_numeric(), comparison[k].n_unique()))
+    return x, [k for k in keys if k != x]
+
+
 def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, list[Path]]:
     """comparison.parquet: one row per (run, layer) with the swept config values and per-layer means."""
     keys = swept_keys([a.record for a in analyses])
@@ -186,9 +250,9 @@ def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, 
     comparison = pl.concat(tables, how="diagonal_relaxed").select("run", *keys, pl.exclude("run", *keys))
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(comparison.to_arrow(), out / "comparison.parquet")
-    x = next((k for k in keys if comparison[k].dtype.is_numeric()), keys[0] if keys else "run")
+    x, others = sweep_axes(comparison, keys)
     figures = [
-        plots.sweep_lines(comparison, x, metric, out / "figures" / f"sweep_{metric}.png")
+        plots.sweep_lines(comparison, x, others, metric, out / "figures" / f"sweep_{metric}.png")
         for metric in SWEEP_METRICS
         if metric in comparison.columns
     ]
@@ -223,10 +287,11 @@ def log_to_wandb(
                 f"{prefix}correlations": wandb.Table(dataframe=a.correlations.to_pandas()),
                 **{f"{prefix}figures/{path.stem}": wandb.Image(str(path)) for path in a.figures},
             })  # fmt: skip
-            top = head_stats.strongest_heads(a.correlations, "entropy", 1)
+            top = head_stats.strongest_heads(a.correlations, "entropy", 1, "partial_r")
             if top.height:
                 run.summary[f"{prefix}strongest_head"] = f"L{top['layer'][0]}H{top['head'][0]}"
-                run.summary[f"{prefix}strongest_spearman_r"] = top["spearman_r"][0]
+                run.summary[f"{prefix}strongest_partial_r"] = top["partial_r"][0]
+                run.summary[f"{prefix}strongest_partial_q"] = top["partial_q"][0]
         if comparison is not None:
             run.log({"comparison": wandb.Table(dataframe=comparison.to_pandas())})
         artifact = wandb.Artifact(f"analysis-{run.id}", type="analysis")
@@ -258,8 +323,9 @@ def analyze(cfg: DictConfig) -> list[Path]:
     if several:
         out = base or (sweep or Path(os.path.commonpath(runs))) / "analysis"
         comparison, figures = compare_runs(analyses, out)
+        remove_stale(out, set(figures))
         report.write_sweep_report(analyses, comparison, figures, out / "report.md")
-        duckdb_views([(a.label, a.run, a.out, a.metrics) for a in analyses], out / "duckdb_views.sql")
+        duckdb_views([view_source(a) for a in analyses], out / VIEWS_FILE)
         reports.append(out / "report.md")
     for a in analyses:
         print(report.console_summary(a, cfg.skip_positions))
@@ -274,9 +340,19 @@ def main(cfg: DictConfig) -> None:
     try:
         analyze(cfg)
     except SpectraError as error:
-        print(f"spectra.analyze: error: {error}", file=sys.stderr)
+        print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
 
 
+def cli() -> None:
+    """`python -m spectra.analyze`: flags anywhere; a command-line mistake is one line, not argparse's usage."""
+    try:
+        sys.argv[1:] = flags_first(sys.argv[1:])
+    except SpectraError as error:
+        print(f"spectra: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    hydra_entrypoint(main, "analyze", "spectra")
+
+
 if __name__ == "__main__":
-    hydra_entrypoint(main, "analyze", "spectra.analyze")
+    cli()

@@ -16,6 +16,7 @@ Reads top to bottom: check config -> load model -> load samples -> capture batch
 
 from __future__ import annotations
 
+import json
 import platform
 import signal
 import sys
@@ -34,7 +35,13 @@ from spectra.capture.hook import AttentionCapture, metrics_to_host
 from spectra.capture.numerics import NumericsGuard, nonfinite_summary
 from spectra.config.paths import config_dir, hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
-from spectra.config.validate import Plan, check_command_line, dry_run_report, preflight
+from spectra.config.validate import (
+    Plan,
+    check_command_line,
+    dry_run_report,
+    flags_first,
+    preflight,
+)
 from spectra.errors import SpectraError
 from spectra.launch.distributed import (
     World,
@@ -46,6 +53,7 @@ from spectra.launch.distributed import (
     summed,
 )
 from spectra.models.loading import describe, load_weights
+from spectra.models.windows import attention_windows
 from spectra.store.manifest import (
     Manifest,
     batch_done,
@@ -86,6 +94,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def finished_run_timing(out: Path, plan: Plan, samples: int) -> dict | None:
+    """A resume of a run that had finished captures nothing: keep the timings of the attempts that did the work
+    (this attempt's would read 0 tokens/s). None when there is work left, or no earlier run.json."""
+    record = out / "run.json"
+    if len(plan.resume.completed) < samples or not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text()).get("timing")
+    except (OSError, ValueError):
+        return None
+
+
 def capture(
     cfg: DictConfig,
     out: Path | None = None,
@@ -101,9 +121,11 @@ def capture(
     plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
 
     model = load_weights(cfg.model, cfg.hardware, plan.model_config)  # preflight read the config and tokenized
-    shape = describe(model)
+    # attention_windows: the keys each layer's queries see, which the analysis divides its ratios by.
+    shape = {**describe(model), "attention_windows": attention_windows(model.config)}
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
+    earlier_timing = finished_run_timing(out, plan, len(samples)) if world.is_main else None
     if world.is_main:
         delete_leftovers(plan.resume)
     gathered(world, None)  # rank 0 has deleted the leftovers before any rank writes a part of the same name
@@ -170,7 +192,7 @@ def capture(
             "samples_resumed": resumed_samples,
         },
         "nonfinite": nonfinite_summary(gathered(world, guard.counts)),
-        "timing": {
+        "timing": earlier_timing or {
             "started_at": started_at,
             "wall_seconds": time.perf_counter() - started,
             "capture_seconds": capture_seconds,
@@ -243,6 +265,7 @@ def _stop_on_sigterm(signum: int, _frame) -> None:
 def cli() -> None:
     """`python -m spectra.run`: a bad command line ends in one line, before Hydra creates a run directory."""
     try:
+        sys.argv[1:] = flags_first(sys.argv[1:])  # `-m` anywhere: Hydra reads sys.argv itself
         check_command_line(sys.argv[1:], config_dir())
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)

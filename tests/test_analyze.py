@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import duckdb
 import matplotlib.image
 import numpy as np
 import polars as pl
@@ -26,6 +25,7 @@ from scipy import stats
 from wandb_files import inspect_summary
 
 from spectra.analysis import head_stats
+from spectra.analysis.exports import open_views
 from spectra.analyze import analyze
 from spectra.config.paths import config_dir
 from spectra.errors import SpectraError
@@ -175,15 +175,15 @@ def test_analyze_run_split_over_part_files(run, rows, tmp_path):
     assert heads.height == 24
     np.testing.assert_allclose(heads.filter(layer=2, head=3)["max_attn_mean"][0], rows["max_attn"][mask].mean(), rtol=1e-12)
 
-    # The report's strongest head is the head with the largest |Spearman r| that scipy finds on the rows.
-    strongest = max(
-        ((layer, head) for layer in range(3) for head in range(8)),
-        key=lambda lh: abs(stats.spearmanr(*[rows[m][(rows["layer"] == lh[0]) & (rows["head"] == lh[1]) & (rows["token_pos"] >= 2)]
-                                               for m in ("query_norm", "entropy")]).statistic),
-    )  # fmt: skip
+    # The report's strongest head is the head with the largest |partial r| in correlations.parquet, and that
+    # table's token-level r is what scipy finds on the rows.
+    correlations = pl.read_parquet(out / "correlations.parquet").filter(pl.col("y") == "entropy")
+    strongest = correlations.sort(pl.col("partial_r").abs(), descending=True).row(0, named=True)
+    mask = (rows["layer"] == strongest["layer"]) & (rows["head"] == strongest["head"]) & (rows["token_pos"] >= 2)
+    assert strongest["spearman_r"] == pytest.approx(stats.spearmanr(rows["query_norm"][mask], rows["entropy"][mask]).statistic)
     report = (out / "report.md").read_text()
-    table_rows = [line for line in report.splitlines() if re.match(r"\| \d+ \| \d+ \| \d+ \|", line)]
-    assert table_rows[0].startswith(f"| {strongest[0]} | {strongest[1]} | 90 |")
+    table_rows = [line for line in report.splitlines() if re.match(r"\| \d+ \| \d+ \| \d+ \| \d+ \|", line)]
+    assert table_rows[0].startswith(f"| {strongest['layer']} | {strongest['head']} | 3 | 90 |")
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert {"figures/heatmap_entropy.png", "figures/heatmap_max_attn.png", "figures/heatmap_k_eff.png",
             "figures/heatmap_r_entropy.png", "figures/position_profiles.png", "figures/density_query_norm_entropy.png"} <= set(images)  # fmt: skip
@@ -202,8 +202,7 @@ def test_analyze_run_split_over_part_files(run, rows, tmp_path):
         np.testing.assert_array_equal(table[:, i].astype(np.float32), rows[name].astype(np.float32))
 
     # DuckDB: the script's views read the same rows and the analysis tables.
-    connection = duckdb.connect()
-    connection.execute((out / "duckdb_views.sql").read_text())
+    connection = open_views(out)
     count, entropy_normalized = connection.execute("SELECT count(*), avg(entropy_normalized) FROM metrics").fetchone()
     assert count == len(rows["layer"])
     np.testing.assert_allclose(entropy_normalized, np.nanmean(with_numpy_ratios(rows)["entropy_normalized"]), rtol=1e-9)
@@ -235,8 +234,7 @@ def test_analyze_a_two_job_sweep(tmp_path):
     assert (sweep / "analysis" / "figures" / "sweep_entropy.png").exists()
     assert "sweep_entropy.png" in (sweep / "analysis" / "report.md").read_text()
 
-    connection = duckdb.connect()
-    connection.execute((sweep / "analysis" / "duckdb_views.sql").read_text())
+    connection = open_views(sweep / "analysis")
     counts = dict(connection.execute("SELECT run, count(*) FROM metrics GROUP BY run").fetchall())
     assert sorted(counts.values()) == [2 * 3 * 8 * 16, 2 * 3 * 8 * 32]
 
@@ -247,7 +245,7 @@ def test_wandb_offline(run, tmp_path):
     assert result.returncode == 0, result.stderr
     [log] = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     summary = inspect_summary(log)["summary"]  # the venv's own wandb CLI: CI does not activate the venv
-    top = head_stats.strongest_heads(pl.read_parquet(out / "correlations.parquet"), "entropy", 1)
+    top = head_stats.strongest_heads(pl.read_parquet(out / "correlations.parquet"), "entropy", 1, "partial_r")
     assert summary["strongest_head"] == f"L{top['layer'][0]}H{top['head'][0]}"
     assert summary["heads"]["nrows"] == 24 and summary["figures/heatmap_entropy"]["_type"] == "image-file"
 
@@ -265,6 +263,8 @@ def test_bad_inputs_are_one_line_errors(run, tmp_path):
         "no part-": [f"run_dir={empty}"],
         "skip_positions": [f"run_dir={run}", "skip_positions=-1"],
         "export": [f"run_dir={run}", "export=xlsx"],
+        "bootstrap": [f"run_dir={run}", "bootstrap=0"],
+        "top_tokens": [f"run_dir={run}", "top_tokens=0"],
         "heads": [f"run_dir={run}", "heads=[[3,0]]"],
         "each entry": [f"run_dir={run}", "heads=[7]"],
         "bogus": [f"run_dir={run}", "+bogus=1"],

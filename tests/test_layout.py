@@ -9,7 +9,7 @@ from pathlib import Path
 import spectra
 
 PACKAGE = Path(spectra.__file__).parent
-ENTRYPOINTS = {"spectra.run", "spectra.prepare", "spectra.analyze", "spectra.explore"}
+ENTRYPOINTS = {"spectra.run", "spectra.prepare", "spectra.analyze", "spectra.explore", "spectra.sql"}
 
 
 def module_name(path: Path) -> str:

@@ -24,11 +24,13 @@ from scipy import stats
 
 KEY_NAMES = ("sample_id", "layer", "head", "token_pos")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-# Derived, never stored (issue 8): entropy relative to the uniform distribution's ln(t+1) over the t+1 keys a
-# causal query sees, and k_eff as a fraction of those keys. Undefined (null) where ln(t+1) = 0, i.e. t = 0.
+# Derived, never stored: entropy relative to the uniform distribution's ln(n) over the n keys the query sees, and
+# k_eff as a fraction of those keys. n = t + 1 under full causal attention, min(t + 1, W) on a sliding-window
+# layer (run.json: model.attention_windows). Undefined (null) where n = 1 (t = 0): ln 1 = 0, and one key is no
+# choice at all; a null leaves means over the other tokens intact where a NaN would poison them.
 RATIOS = {
-    "entropy_normalized": ("entropy", lambda t: (t + 1).cast(pl.Float64).log()),
-    "k_eff_fraction": ("k_eff", lambda t: (t + 1).cast(pl.Float64)),
+    "entropy_normalized": ("entropy", lambda visible: visible.cast(pl.Float64).log()),
+    "k_eff_fraction": ("k_eff", lambda visible: visible.cast(pl.Float64)),
 }
 
 
@@ -44,13 +46,30 @@ def metric_columns(lf: pl.LazyFrame) -> list[str]:
     return [name for name, dtype in schema.items() if name not in KEY_NAMES and dtype.is_numeric()]
 
 
-def with_ratios(lf: pl.LazyFrame) -> pl.LazyFrame:
+def visible_keys(windows: Sequence | None = None) -> pl.Expr:
+    """The number of keys query t sees on its layer. windows: run.json's model.attention_windows, one entry per
+    layer: None (full: t + 1), W (sliding: min(t + 1, W)), or the name of another rule (null: not guessed).
+    Without windows (a run recorded before they were), every layer counts as full attention."""
+    full = pl.col("token_pos").cast(pl.Int64) + 1
+    layer = pl.col("layer").cast(pl.Int64)
+    sliding = {i: int(w) for i, w in enumerate(windows or []) if isinstance(w, int)}
+    other = [i for i, w in enumerate(windows or []) if isinstance(w, str)]
+    visible = full
+    if sliding:
+        window = layer.replace_strict(sliding, default=None, return_dtype=pl.Int64)
+        visible = pl.when(window.is_null()).then(full).otherwise(pl.min_horizontal(full, window))
+    if other:
+        visible = pl.when(layer.is_in(other)).then(None).otherwise(visible)
+    return visible
+
+
+def with_ratios(lf: pl.LazyFrame, windows: Sequence | None = None) -> pl.LazyFrame:
     """Adds the derived ratio columns whose base metric is present; metrics become Float64 for exact sums."""
     metrics = metric_columns(lf)
-    t = pl.col("token_pos")
+    visible = visible_keys(windows)
     lf = lf.with_columns(pl.col(metrics).cast(pl.Float64))
     derived = [
-        pl.when(t > 0).then(pl.col(base) / denominator(t)).otherwise(None).alias(name)
+        pl.when(visible > 1).then(pl.col(base) / denominator(visible)).otherwise(None).alias(name)
         for name, (base, denominator) in RATIOS.items()
         if base in metrics
     ]
@@ -61,13 +80,15 @@ def quantile_name(q: float) -> str:
     return f"q{round(q * 100):02d}"
 
 
-def head_summary(lf: pl.LazyFrame, quantiles: Sequence[float] = QUANTILES) -> pl.DataFrame:
+def head_summary(
+    lf: pl.LazyFrame, windows: Sequence | None = None, quantiles: Sequence[float] = QUANTILES
+) -> pl.DataFrame:
     """One row per (layer, head): `<metric>_count/mean/std/min/qNN/max` for every metric and ratio.
 
     count excludes nulls (the ratios are null at t = 0); std has ddof = 1; quantiles interpolate linearly
     (numpy's default).
     """
-    lf = with_ratios(lf)
+    lf = with_ratios(lf, windows)
     aggregations = []
     for name in metric_columns(lf):
         column = pl.col(name)
@@ -139,9 +160,9 @@ def layers_of(lf: pl.LazyFrame) -> list[int]:
     return sorted(lf.select(pl.col("layer").unique()).collect(engine="streaming")["layer"].to_list())
 
 
-def position_profile(lf: pl.LazyFrame) -> pl.DataFrame:
+def position_profile(lf: pl.LazyFrame, windows: Sequence | None = None) -> pl.DataFrame:
     """One row per (layer, token_pos): rows (count) and the mean of every metric and ratio over heads and samples."""
-    lf = with_ratios(lf)
+    lf = with_ratios(lf, windows)
     metrics = metric_columns(lf)
     return (
         lf.group_by("layer", "token_pos")
@@ -168,8 +189,10 @@ def layer_comparison(heads: pl.DataFrame, correlations: pl.DataFrame) -> pl.Data
     return table.sort("layer")
 
 
-def strongest_heads(correlations: pl.DataFrame, y: str = "entropy", top: int = 5) -> pl.DataFrame:
-    """The `top` heads whose query_norm-vs-y Spearman |r| is largest (NaN r last)."""
-    table = correlations.filter(pl.col("y") == y).with_columns(pl.col("spearman_r").fill_nan(None))
-    return table.sort(pl.col("spearman_r").abs(), descending=True, nulls_last=True).head(top)
+def strongest_heads(
+    correlations: pl.DataFrame, y: str = "entropy", top: int = 5, r: str = "spearman_r"
+) -> pl.DataFrame:
+    """The `top` heads whose query_norm-vs-y |r| is largest (NaN r last); r: the column that ranks them."""
+    table = correlations.filter(pl.col("y") == y).with_columns(pl.col(r).fill_nan(None))
+    return table.sort(pl.col(r).abs(), descending=True, nulls_last=True).head(top)
 

@@ -3,7 +3,8 @@
     head_heatmap        layer x head grid of one per-head value (a metric's mean, a correlation r)
     position_curves     mean metric vs token position, one line per layer, one panel per metric
     density_panels      2-D histogram of query_norm vs a metric for a few heads
-    sweep_lines         a per-layer value across the runs of a sweep
+    sweep_lines         a per-layer value across the runs of a sweep: x = the main swept key, a panel per
+                        combination of the others
 
     python -m spectra.analyze run_dir=<run>     # writes them under <run>/analysis/
 """
@@ -55,7 +56,7 @@ def position_curves(profile: pl.DataFrame, metrics: Sequence[str], path: Path, t
     """profile: rows (layer, token_pos, <metric>...); one panel per metric, one line per layer (coloured by depth)."""
     figure, panels = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.6), squeeze=False)
     layers = profile["layer"].unique().sort().to_list()
-    colours = plt.get_cmap("viridis")(np.linspace(0, 1, max(len(layers), 1)))
+    colours = layer_colours(figure, [panels[0][-1]], layers)
     for axes, metric in zip(panels[0], metrics):
         for colour, layer in zip(colours, layers):
             rows = profile.filter(pl.col("layer") == layer)
@@ -64,9 +65,6 @@ def position_curves(profile: pl.DataFrame, metrics: Sequence[str], path: Path, t
         axes.set_title(f"mean {metric}")
     if len(layers) <= 12:
         panels[0][-1].legend(fontsize="small", loc="best")
-    else:  # a legend of 32 layers hides the curves; a colour bar says the same
-        mappable = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(min(layers), max(layers)))
-        figure.colorbar(mappable, ax=panels[0][-1], label="layer")
     figure.suptitle(title)
     return save(figure, path)
 
@@ -93,21 +91,46 @@ def density_panels(
     return save(figure, path)
 
 
-def sweep_lines(comparison: pl.DataFrame, x: str, value: str, path: Path) -> Path:
-    """comparison: rows (run, <x>, layer, <value>); value vs x, one line per layer."""
-    figure, axes = plt.subplots(figsize=(6, 4))
-    layers = comparison["layer"].unique().sort().to_list()
+def layer_colours(figure, axes_list, layers: list[int]):
+    """Colours by depth; a legend up to 12 layers, beyond that a colour bar (a legend of 30 hides the lines)."""
     colours = plt.get_cmap("viridis")(np.linspace(0, 1, max(len(layers), 1)))
+    if len(layers) > 12:
+        mappable = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(min(layers), max(layers)))
+        figure.colorbar(mappable, ax=axes_list, label="layer")
+    return colours
+
+
+def sweep_lines(comparison: pl.DataFrame, x: str, others: Sequence[str], value: str, path: Path) -> Path:
+    """comparison: rows (run, <x>, <others>..., layer, <value>). value vs x, one line per layer; one panel per
+    combination of the other swept keys, named in its title, so runs that differ in more than x never share a
+    line."""
+    panels_of = comparison.select(others).unique(maintain_order=True).rows() if others else [()]
+    columns = min(len(panels_of), 3)
+    rows_count = -(-len(panels_of) // columns)
+    figure, panels = plt.subplots(
+        rows_count, columns, figsize=(5.2 * columns, 3.8 * rows_count), squeeze=False, layout="constrained"
+    )
+    for axes in panels.flat[len(panels_of) :]:
+        axes.axis("off")
+    layers = comparison["layer"].unique().sort().to_list()
+    colours = layer_colours(figure, panels.ravel().tolist(), layers)
     numeric = comparison[x].dtype.is_numeric()
-    for colour, layer in zip(colours, layers):
-        rows = comparison.filter(pl.col("layer") == layer).sort(x)
-        xs = rows[x].to_numpy() if numeric else np.arange(rows.height)
-        axes.plot(xs, rows[value], marker="o", color=colour, label=f"layer {layer}")
+    ticks = comparison[x].unique().sort().to_list()
+    for axes, combination in zip(panels.flat, panels_of):
+        rows = comparison
+        for key, level in zip(others, combination):
+            rows = rows.filter(pl.col(key).eq_missing(level))
+        for colour, layer in zip(colours, layers):
+            line = rows.filter(pl.col("layer") == layer).sort(x)
+            xs = line[x].to_numpy() if numeric else np.array([ticks.index(v) for v in line[x].to_list()])
+            axes.plot(xs, line[value], marker="o", color=colour, label=f"layer {layer}")
         if not numeric:
-            axes.set_xticks(xs, rows[x].cast(pl.String).to_list(), rotation=30, ha="right")
-    axes.set_xlabel(x)
-    axes.set_ylabel(f"mean {value}")
-    axes.set_title(f"mean {value} per layer across runs")
-    if len(layers) <= 12:
-        axes.legend(fontsize="small")
+            axes.set_xticks(range(len(ticks)), [str(t) for t in ticks], rotation=30, ha="right")
+        axes.set_xlabel(x)
+        axes.set_ylabel(f"mean {value}")
+        axes.set_title(", ".join(f"{k}={v}" for k, v in zip(others, combination)) or f"mean {value} per layer",
+                       fontsize="small")  # fmt: skip
+        if len(layers) <= 12:
+            axes.legend(fontsize="x-small")
+    figure.suptitle(f"mean {value} per layer across runs, x = {x}")
     return save(figure, path)

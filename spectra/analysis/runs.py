@@ -68,3 +68,6 @@ class RunAnalysis:
     correlations: pl.DataFrame
     profile: pl.DataFrame
     figures: list[Path]
+    windows: Optional[list] = None  # run.json's model.attention_windows; None: not recorded
+    top_tokens: Optional[pl.DataFrame] = None  # tokens.top_tokens; None when the tokenizer did not load
+    tokens_note: str = ""  # why there is no token text, when there is none

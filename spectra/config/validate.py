@@ -52,7 +52,7 @@ from spectra.store.manifest import ResumeState, fingerprint, inspect_run_directo
 SECRET_KEY = re.compile(r"(^|_)(token|api_?key|secret|password)$", re.IGNORECASE)  # last part of the key
 SECRET_ENVIRONMENT = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Hydra flags that do not run a capture (or that this check does not model); Hydra handles them alone.
-UNCHECKED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "multirun", "cfg", "config_path",
+UNCHECKED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "config_path",
                    "config_dir", "config_name", "experimental_rerun")  # fmt: skip
 # Parquet bytes per row after zstd, from the measurements in /work/shared/NOTES.md (10.4 B/row with the four
 # metrics in float32, 5.3 B/row in float16); real attention compresses somewhat differently.
@@ -60,13 +60,85 @@ KEY_BYTES_PER_ROW = 0.3
 METRIC_BYTES_PER_ROW = {"float32": 3.0, "float16": 1.35, "k_eff": 1.1}
 
 
-def check_command_line(argv: list[str], conf_dir: str) -> None:
-    """Compose the config as `hydra.main` will and check it; raises SpectraError with one line."""
-    from hydra._internal.utils import (
-        get_args_parser,  # Hydra's own parser, so flags mean what they mean there
-    )
+def hydra_parser():
+    """Hydra's own parser (so flags mean what they mean there), its usage dump turned into one SpectraError."""
+    from hydra._internal.utils import get_args_parser
 
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+
+    def error(message: str):
+        raise SpectraError(f"{message} (see --help)")
+
+    parser.error = error
+    return parser
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """The command line with Hydra's flags (and their values) moved before the overrides, in their own order.
+
+    Hydra's parser stops taking flags at the first override, so `python -m spectra.run a=1 -m b=1,2` is an
+    argparse error there; an override never starts with '-', so the reordering cannot change its meaning.
+    """
+    parser = hydra_parser()
+    takes_value = {
+        option: action.nargs for action in parser._actions for option in action.option_strings if action.nargs != 0
+    }
+    flags, overrides, last = [], [], []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if not token.startswith("-"):
+            overrides.append(token)
+            continue
+        following = argv[i] if i < len(argv) else None
+        if token not in takes_value:  # a switch, or the value given as --flag=value
+            flags.append(token)
+        elif takes_value[token] != "?":
+            if following is None:  # its value is missing: last, so argparse says so rather than eat an override
+                last.append(token)
+            else:
+                flags += [token, following]
+                i += 1
+        # nargs "?" (--info [topic]): the next token is its value unless it is an override or another flag; with
+        # no value it goes last, where it cannot swallow an override.
+        elif following is None or "=" in following or following.startswith("-"):
+            last.append(token)
+        else:
+            flags += [token, following]
+            i += 1
+    argv = flags + overrides + last
+    parser.parse_args(argv)  # any other argparse-level mistake: one line
+    return argv
+
+
+def first_job(overrides: list[str]) -> list[str]:
+    """A sweep's overrides with each swept key at its first value (`a=1,2` -> `a=1`): one job to check. A sweep
+    whose values only Hydra's config loader can list (glob) is left out; its job checks it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as error:
+        raise ConfigError(error.override, error.message.splitlines()[0]) from None
+    job = []
+    for override in parsed:
+        if not override.is_sweep_override():
+            job.append(override.input_line)
+            continue
+        try:
+            first = next(iter(override.sweep_string_iterator()))
+        except Exception:  # noqa: BLE001 -- glob() and friends need the config loader
+            continue
+        prefix = override.input_line[: len(override.input_line) - len(override.input_line.lstrip("+~"))]
+        job.append(f"{prefix}{override.get_key_element()}={first}")
+    return job
+
+
+def check_command_line(argv: list[str], conf_dir: str) -> None:
+    """Compose the config as `hydra.main` will and check it (a sweep: its first job); raises SpectraError with
+    one line."""
+    args = hydra_parser().parse_args(argv)
     if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):
         return
     # Too short to be a real credential: a token "1" must not make data.n_samples=1 look like one.
@@ -79,9 +151,10 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
                 "credentials are never taken from the command line (Hydra would copy them into .hydra/); "
                 f"set {' or '.join(SECRET_ENVIRONMENT[:2])} in the environment instead",
             )
+    overrides = first_job(args.overrides) if args.multirun else args.overrides
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            composed = compose(config_name="config", overrides=args.overrides, return_hydra_config=True)
+            composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except MissingConfigException as error:
         group, _, name = (error.missing_cfg_file or "config/?").rpartition("/")
         options = [o for o in error.options or [] if not o.startswith("base_")]
@@ -102,6 +175,8 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     cfg = checked_config(OmegaConf.create(job))
     if cfg.model.source == "hub":
         model_location(cfg.model)  # an empty name, or a model.path that is no folder (cheap; gguf may assemble)
+    if args.multirun:
+        return  # each job runs in its own folder under hydra.sweep.dir, which its own preflight checks
     out = Path(cfg.run.output_dir or composed.hydra.run.dir)
     check_writable(out, output_key(cfg))
     # Before Hydra overwrites <run>/.hydra/ with this command's config: another run there, or one to resume

@@ -1,0 +1,69 @@
+"""SQL over a run's Parquet files with DuckDB: the views its analysis wrote (metrics with the window-aware
+ratios, samples, tokens, heads, correlations, positions), file paths resolved relative to the analysis folder,
+so a run can be moved or copied. No duckdb CLI needed; the duckdb Python package comes with Spectra.
+
+    python -m spectra.sql outputs/demo "SELECT layer, avg(entropy_normalized) FROM metrics GROUP BY 1 ORDER BY 1"
+    python -m spectra.sql outputs/demo < queries.sql       # statements from stdin, each ended by ';'
+    python -m spectra.sql outputs/sweep "SELECT run, avg(k_eff) FROM metrics GROUP BY run"   # a sweep's views
+
+The folder is a run (or sweep) folder whose analysis/ holds duckdb_views.sql, or that analysis folder itself:
+run `python -m spectra.analyze run_dir=<folder>` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from spectra.analysis.exports import VIEWS_FILE, open_views
+from spectra.errors import SpectraError
+
+
+def views_folder(folder: Path) -> Path:
+    for candidate in (folder, folder / "analysis"):
+        if (candidate / VIEWS_FILE).is_file():
+            return candidate
+    raise SpectraError(
+        f"{folder}: no {VIEWS_FILE} here or in its analysis/; run python -m spectra.analyze run_dir={folder} first"
+    )
+
+
+def statements(stream) -> list[str]:
+    """Statements ended by ';' (a ';' inside a string literal is not expected in these short queries)."""
+    text = stream.read()
+    return [part.strip() for part in text.split(";") if part.strip()]
+
+
+def run_query(connection, query: str) -> None:
+    import duckdb
+
+    try:
+        result = connection.sql(query)
+    except duckdb.Error as error:
+        raise SpectraError(f"duckdb: {str(error).splitlines()[0]}") from None
+    if result is not None:  # a SELECT; CREATE, SET and the like return nothing
+        result.show(max_rows=200, max_width=200)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other Spectra error, not argparse's usage dump
+        raise SpectraError(f"{message}; usage: python -m spectra.sql <run folder> [SQL]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _Parser(prog="python -m spectra.sql", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="a run or sweep folder (or its analysis/ folder)")
+    parser.add_argument("query", nargs="?", help="one SQL statement; without it, statements are read from stdin")
+    try:
+        args = parser.parse_args(argv)
+        connection = open_views(views_folder(args.folder))
+        for query in [args.query] if args.query else statements(sys.stdin):
+            run_query(connection, query)
+    except SpectraError as error:
+        print(f"spectra: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
