@@ -70,10 +70,18 @@ if [ "$(cat /etc/slurm/slurm.conf 2>/dev/null)" != "$CONF" ]; then
     CHANGED=1
 fi
 
-running() { pgrep -x "$1" >/dev/null; }
+pidfile() { if [ "$1" = munged ]; then echo /run/munge/munged.pid; else echo "/run/$1.pid"; fi; }
+running() { [ -s "$(pidfile "$1")" ] && kill -0 "$(cat "$(pidfile "$1")")" 2>/dev/null; }
+stop() {  # some settings (AuthInfo) are read only when a daemon starts
+    if running "$1"; then
+        kill "$(cat "$(pidfile "$1")")"
+        while running "$1"; do sleep 0.2; done
+    fi
+}
 running munged || su -s /bin/sh munge -c /usr/sbin/munged
-if [ -n "${CHANGED:-}" ] && running slurmctld; then
-    scontrol reconfigure
+if [ -n "${CHANGED:-}" ]; then
+    stop slurmd
+    stop slurmctld
 fi
 running slurmctld || slurmctld
 running slurmd || slurmd

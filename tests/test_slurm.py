@@ -122,28 +122,39 @@ def test_a_failed_job_shows_its_last_lines(tmp_path, partition):
     assert stderr.strip().splitlines()[-1].startswith("spectra: error: 1 of 1 SLURM job(s) failed (job 0)")
 
 
-# SmolLM2 on one thread, sized by work: ~70 s of capture on a quiet 2-core machine, so the first attempt is
-# warned (signal_delay_s=10 before its 1-minute limit: 20-50 s into the job) before it is done, however loaded.
-TIME_LIMIT_RUN = ["model=smollm2_135m", "data=synthetic", "data.context_length=512", "data.n_samples=48",
-                  "hardware.num_threads=1", "logger=none"]  # fmt: skip
+# tiny_llama on one thread (it starts in seconds; SmolLM2's start-up alone can outlast a one-minute attempt on a
+# loaded machine). SLURM warns the job signal_delay_s=5 before its 1-minute limit, which its periodic check turns
+# into 25-55 s into the job; the capture is sized by a calibration run to need ~60 s, so the first attempt is
+# warned before it is done even if the machine gets twice as fast, and a slower machine only takes more attempts.
+TIME_LIMIT_RUN = ["model=tiny_llama", "data=synthetic", "data.context_length=2048", "hardware.num_threads=1",
+                  "logger=none"]  # fmt: skip
+CAPTURE_SECONDS = 60
+
+
+def single_thread_capture(out, *overrides: str) -> dict:
+    threads = torch.get_num_threads()
+    try:
+        return capture(compose_config(*overrides), out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_capture_past_its_time_limit_requeues_and_equals_an_uninterrupted_run(tmp_path, partition):
+    calibration = single_thread_capture(tmp_path / "calibration", *TIME_LIMIT_RUN, "data.n_samples=2")
+    per_sample = calibration["timing"]["capture_seconds"] / 2
+    n_samples = min(max(round(CAPTURE_SECONDS / per_sample), 20), 400)
+    run = [*TIME_LIMIT_RUN, f"data.n_samples={n_samples}"]
     sweep_dir = tmp_path / "sweep"
     job = subprocess.Popen(
         [sys.executable, "-m", "spectra.run", *SLURM, f"hydra.launcher.partition={partition}",
-         "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=10", "hydra.launcher.max_num_timeout=8",
-         *TIME_LIMIT_RUN, f"hydra.sweep.dir={sweep_dir}"],
+         "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5", "hydra.launcher.max_num_timeout=8",
+         *run, f"hydra.sweep.dir={sweep_dir}"],
         cwd=REPO, env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     reference = tmp_path / "uninterrupted"  # on the other core meanwhile, with the same single thread
-    threads = torch.get_num_threads()
-    try:
-        capture(compose_config(*TIME_LIMIT_RUN), reference)
-    finally:
-        torch.set_num_threads(threads)
+    single_thread_capture(reference, *run)
     stdout, stderr = job.communicate(timeout=900)
     assert job.returncode == 0, stdout[-2000:] + stderr[-3000:]
 
@@ -151,9 +162,9 @@ def test_capture_past_its_time_limit_requeues_and_equals_an_uninterrupted_run(tm
     (log,) = sweep_dir.glob(".submitit/*/*_log.err")
     assert "requeued SLURM job" in log.read_text() and "SLURM restart 1: resuming" in log.with_suffix(".out").read_text()
     record = json.loads((run_dir / "run.json").read_text())
-    assert 0 < record["counts"]["samples_resumed"] < 48
+    assert 0 < record["counts"]["samples_resumed"] < n_samples
     parts = sorted(p.name for p in (reference / "metrics").iterdir())
-    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == parts and len(parts) == 48
+    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == parts and len(parts) == n_samples
     for name in parts:
         assert (run_dir / "metrics" / name).read_bytes() == (reference / "metrics" / name).read_bytes(), name
     assert (run_dir / "samples.parquet").read_bytes() == (reference / "samples.parquet").read_bytes()
@@ -168,11 +179,7 @@ def test_two_tasks_per_job_equal_one_process(tmp_path, partition):
     assert "#SBATCH --ntasks-per-node=2\n" in sbatch_script(sweep_dir)
     (run_dir,) = job_dirs(sweep_dir)
     single = tmp_path / "single"
-    threads = torch.get_num_threads()
-    try:
-        capture(compose_config(*RANK_OVERRIDES, "logger=none"), single)
-    finally:
-        torch.set_num_threads(threads)
+    single_thread_capture(single, *RANK_OVERRIDES, "logger=none")
     reference = pl.read_parquet(single / "metrics" / "*.parquet").sort(["sample_id", "layer", "head", "token_pos"])
     check_ranks_equal_single_process(run_dir, (reference, pl.read_parquet(single / "samples.parquet")))
 

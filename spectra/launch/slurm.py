@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -170,11 +170,12 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         if restarts:  # requeued: after a time limit (below), a preemption, or by hand; finish the same run
             sweep_overrides = [o for o in sweep_overrides if not o.startswith("run.resume=")] + ["run.resume=true"]
             print(f"spectra: SLURM restart {restarts}: resuming the run", flush=True)
-        with stop_signals() as stopped:
+        with StopSignals() as stop:
             try:
                 return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
             except (SystemExit, KeyboardInterrupt):
-                if stopped and stopped[0] == WARNING_SIGNAL:
+                stop.disarm()
+                if stop.received and stop.received[0] == WARNING_SIGNAL:
                     requeue(restarts, self.params["max_num_timeout"])
                 raise
 
@@ -213,23 +214,37 @@ def job_outcome(job) -> JobReturn | None:
         return None
 
 
-@contextlib.contextmanager
-def stop_signals() -> Iterator[list[signal.Signals]]:
-    """The first SIGTERM or warning signal unwinds the job as Ctrl-C does (spectra.run lands the queued parts and
-    exits 130); later ones are ignored so that they cannot cut that short. Yields the signals received."""
-    received: list[signal.Signals] = []
+class StopSignals:
+    """SIGTERM (preemption, scancel, the time limit) or the warning signal unwinds the job as Ctrl-C does:
+    spectra.run lands the queued parts and exits 130.
 
-    def stop(signum: int, _frame) -> None:
-        received.append(signal.Signals(signum))
-        print(f"spectra: {received[-1].name} received", file=sys.stderr, flush=True)
-        if len(received) == 1:
-            raise KeyboardInterrupt(received[0].name)
+    Python drops an interrupt raised inside a __del__ or a callback (it prints "Exception ignored"), and SLURM
+    sends its warning only once; so after a signal the interrupt is raised again every second until the job is
+    unwinding, and never while it is, which would cut the landing of the parts short.
+    """
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, WARNING_SIGNAL)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
+    def __init__(self) -> None:
+        self.received: list[signal.Signals] = []
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM, WARNING_SIGNAL, signal.SIGALRM)}
+        return self
+
+    def _stop(self, signum: int, _frame) -> None:
+        if signum != signal.SIGALRM:
+            self.received.append(signal.Signals(signum))
+            print(f"spectra: {self.received[-1].name} received", file=sys.stderr, flush=True)
+            signal.setitimer(signal.ITIMER_REAL, 1.0, 1.0)
+        unwinding = isinstance(sys.exc_info()[1], (KeyboardInterrupt, SystemExit))
+        if self.received and not unwinding:
+            raise KeyboardInterrupt(self.received[0].name)
+
+    def disarm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def __exit__(self, *exc_info) -> None:
+        self.disarm()
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
