@@ -123,9 +123,10 @@ def test_a_failed_job_shows_its_last_lines(tmp_path, partition):
 
 
 # tiny_llama on one thread (it starts in seconds; SmolLM2's start-up alone can outlast a one-minute attempt on a
-# loaded machine). SLURM warns the job signal_delay_s=5 before its 1-minute limit, which its periodic check turns
-# into 25-55 s into the job; the capture is sized by a calibration run to need ~60 s, so the first attempt is
-# warned before it is done even if the machine gets twice as fast, and a slower machine only takes more attempts.
+# loaded machine). SLURM warns the job signal_delay_s=5 before its 1-minute limit, which its 30 s periodic check
+# turns into 25-55 s into the job. A calibration run sizes the capture to need ~60 s here; the job then shares the
+# cores with the reference capture, so it runs no faster than calibrated and its first attempt (start-up ~10 s) is
+# warned before it is done; a slower machine only takes more attempts.
 TIME_LIMIT_RUN = ["model=tiny_llama", "data=synthetic", "data.context_length=2048", "hardware.num_threads=1",
                   "logger=none"]  # fmt: skip
 CAPTURE_SECONDS = 60
