@@ -19,11 +19,11 @@ import sys
 import polars as pl
 import pytest
 import torch
-from conftest import REPO, compose_config, run_spectra, run_spectra_inprocess
+from conftest import REPO, compose_config, run_spectra_inprocess
 from conftest import test_env as offline_env  # aliased: pytest would collect a test_* name as a test
 from omegaconf import OmegaConf
+from polars.testing import assert_frame_equal
 from test_distributed import OVERRIDES as RANK_OVERRIDES
-from test_distributed import check_ranks_equal_single_process
 
 from spectra.errors import ConfigError
 from spectra.launch.cluster import Partition, check_request, choose_partition, size_request, submission_error
@@ -65,14 +65,15 @@ def sbatch_script(sweep_dir) -> str:
 @pytest.mark.slurm
 def test_cpu_sweep_with_default_settings_then_resume_submits_only_the_missing_job(tmp_path, partition):
     sweep_dir = tmp_path / "sweep"
-    result = run_spectra(tmp_path, *SLURM, f"hydra.launcher.partition={partition}", *SWEEP, f"hydra.sweep.dir={sweep_dir}")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    code, stdout, stderr = run_spectra_inprocess(*SLURM, f"hydra.launcher.partition={partition}", *SWEEP,
+                                                 f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    assert code == 0, stdout[-2000:] + stderr[-3000:]
     # Sized from hardware=cpu and tiny_llama: no GPU, the node's CPUs (at most 8), twice the weights plus 3 GB.
     script = sbatch_script(sweep_dir)
     assert "gpus" not in script and "gres" not in script
     assert re.search(r"#SBATCH --cpus-per-task=\d+\n", script) and "#SBATCH --mem=4GB\n" in script
     assert "#SBATCH --array=0-1%2\n" in script  # one array job, array_parallelism honoured
-    logs = re.findall(r"log (\S+_log\.out)", result.stdout)
+    logs = re.findall(r"log (\S+_log\.out)", stdout)
     assert len(logs) == 2 and all((sweep_dir / ".submitit").joinpath(*log.split("/.submitit/")[1:]).is_file() for log in logs)
 
     first = {}
@@ -85,10 +86,10 @@ def test_cpu_sweep_with_default_settings_then_resume_submits_only_the_missing_jo
     # Job 1 lost: the resumed sweep submits it alone and reports job 0 as complete.
     lost = job_dirs(sweep_dir)[1]
     shutil.rmtree(lost)
-    again = run_spectra(tmp_path, *SLURM, f"hydra.launcher.partition={partition}", *SWEEP, "run.resume=true",
-                        f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    assert "job 0 is complete" in again.stdout and "1 job(s)" in again.stdout
+    code, stdout, stderr = run_spectra_inprocess(*SLURM, f"hydra.launcher.partition={partition}", *SWEEP,
+                                                 "run.resume=true", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    assert code == 0, stdout[-2000:] + stderr[-3000:]
+    assert "job 0 is complete" in stdout and "SLURM job" in stdout and "1 job(s)" in stdout
     assert [p.name for p in job_dirs(sweep_dir)] == sorted(first)
     assert {p.name: p.read_bytes() for p in (lost / "metrics").iterdir()} == first[lost.name]
 
@@ -174,15 +175,24 @@ def test_capture_past_its_time_limit_requeues_and_equals_an_uninterrupted_run(tm
 @pytest.mark.slurm
 def test_two_tasks_per_job_equal_one_process(tmp_path, partition):
     sweep_dir = tmp_path / "sweep"
-    result = run_spectra(tmp_path, *SLURM, f"hydra.launcher.partition={partition}", "hydra.launcher.tasks_per_node=2",
-                         *RANK_OVERRIDES, f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    code, stdout, stderr = run_spectra_inprocess(
+        *SLURM, f"hydra.launcher.partition={partition}", "hydra.launcher.tasks_per_node=2", *RANK_OVERRIDES,
+        "logger=none", f"hydra.sweep.dir={sweep_dir}",
+    )  # fmt: skip
+    assert code == 0, stdout[-2000:] + stderr[-3000:]
     assert "#SBATCH --ntasks-per-node=2\n" in sbatch_script(sweep_dir)
     (run_dir,) = job_dirs(sweep_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["world_size"] == 2 and record["counts"]["part_files"] == 5
+    assert sorted(path.name for path in run_dir.glob("manifest*.jsonl")) == ["manifest.rank0.jsonl", "manifest.rank1.jsonl"]
+
     single = tmp_path / "single"
     single_thread_capture(single, *RANK_OVERRIDES, "logger=none")
-    reference = pl.read_parquet(single / "metrics" / "*.parquet").sort(["sample_id", "layer", "head", "token_pos"])
-    check_ranks_equal_single_process(run_dir, (reference, pl.read_parquet(single / "samples.parquet")))
+    keys = ["sample_id", "layer", "head", "token_pos"]
+    ranks = pl.read_parquet(run_dir / "metrics" / "*.parquet").sort(keys)
+    assert ranks.height == record["counts"]["rows"] == 5 * 3 * 8 * 16  # each sample once
+    assert_frame_equal(ranks, pl.read_parquet(single / "metrics" / "*.parquet").sort(keys), check_exact=True)
+    assert_frame_equal(pl.read_parquet(run_dir / "samples.parquet"), pl.read_parquet(single / "samples.parquet"))
 
 
 # --- no cluster needed --------------------------------------------------------------------------------------

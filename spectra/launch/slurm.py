@@ -99,8 +99,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         folder = Path(jobs[0].paths.folder).parent
         print(
             f"spectra: SLURM {'array ' if len(jobs) > 1 else ''}job {jobs[0].job_id.split('_')[0]}: {len(jobs)} job(s) "
-            f"on partition "
-            f"{partition.name}, at most {params['array_parallelism']} at once; each "
+            f"on partition {partition.name}, at most {params['array_parallelism']} at once; each "
             f"{params['tasks_per_node']} task(s) x {params['cpus_per_task']} CPU(s), "
             f"{params['gpus_per_node'] or 0} GPU(s), {params['mem_gb']} GB, {params['timeout_min']} min; logs in {folder}",
             flush=True,
@@ -111,15 +110,15 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
         failed = []
         for index, job, state in zip(todo, jobs, wait_for(jobs)):
-            outcome = job_outcome(job)
-            if isinstance(outcome, JobReturn) and outcome.status == JobStatus.COMPLETED:
+            outcome, error = job_outcome(job)
+            if outcome is not None:
                 returns[index] = outcome
                 continue
             failed.append(first + index)
             log = job.paths.stderr if job.paths.stderr.exists() else job.paths.stdout
             print(f"spectra: job {first + index} (SLURM {job.job_id}) failed, state {state}; last lines of {log}:",
                   file=sys.stderr)  # fmt: skip
-            for line in last_lines(log):
+            for line in last_lines(log) + ([error] if error else []):
                 print(f"    {line}", file=sys.stderr)
         if failed:
             raise SpectraError(
@@ -202,16 +201,19 @@ def wait_for(jobs: list) -> list[str]:
     raise AssertionError("unreachable")
 
 
-def job_outcome(job) -> JobReturn | None:
-    """The JobReturn a finished job pickled; None for a job that ended without one (killed, or spectra: error)."""
+def job_outcome(job) -> tuple[JobReturn | None, str | None]:
+    """(the JobReturn of a job that completed, None) or (None, why it failed when the log may not say)."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     if not job.paths.result_pickle.exists():
-        return None
+        return None, None  # killed, or ended by `spectra: error:` (the log's last lines say which)
     try:
-        return job.results()[0]
-    except (FailedJobError, UncompletedJobError):
-        return None
+        outcome = job.results()[0]
+    except (FailedJobError, UncompletedJobError) as error:  # an exception outside the task function
+        return None, str(error).strip().splitlines()[-1]
+    if outcome.status != JobStatus.COMPLETED:  # the task function raised: a bug, which Hydra kept, not logged
+        return None, f"{type(outcome._return_value).__name__}: {outcome._return_value}"
+    return outcome, None
 
 
 class StopSignals:
