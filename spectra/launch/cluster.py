@@ -184,14 +184,17 @@ def submission_error(message: str) -> ConfigError:
     return ConfigError(key, f"sbatch refused the jobs: {line}")
 
 
-def queue_states(array_job_id: str) -> dict[str, str]:
-    """'<array id>_<index>' -> state, for the jobs squeue still knows (finished ones for MinJobAge, ~5 min)."""
+def queue_states(array_job_id: str) -> dict[str, str] | None:
+    """'<array id>_<index>' -> state, for the jobs squeue still knows (finished ones for MinJobAge, ~5 min);
+    None when squeue could not answer (a busy controller), which says nothing about the jobs."""
     result = subprocess.run(
         ["squeue", "-h", "-r", "--states=all", "-j", array_job_id, "-o", "%i|%T"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
+    if result.returncode and "Invalid job id" not in result.stderr:  # all of them purged is an answer
+        return None
     states = {}
-    for line in result.stdout.splitlines() if result.returncode == 0 else []:
+    for line in result.stdout.splitlines():
         job_id, _, state = line.partition("|")
         states[job_id.strip()] = state.strip()
     return states

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import signal
 import subprocess
@@ -190,15 +191,15 @@ def job_directory(cfg: DictConfig) -> Path:
 def wait_for(jobs: list) -> list[str]:
     """Each job's last state once every job has a result file or has ended without one."""
     array_id = jobs[0].job_id.split("_")[0]
-    for poll in range(10**9):
+    for poll in itertools.count():
         states = queue_states(array_id)  # before looking for results: a job that ends in between has one
-        running = [
-            job for job in jobs if states.get(job.job_id, "GONE") in ACTIVE_STATES and not job.paths.result_pickle.exists()
-        ]
+        running = states is None or any(
+            states.get(job.job_id, "GONE") in ACTIVE_STATES and not job.paths.result_pickle.exists() for job in jobs
+        )
         if not running:
-            return [states.get(job.job_id, "GONE") for job in jobs]
+            return [states.get(job.job_id, "GONE") for job in jobs]  # type: ignore[union-attr]
         time.sleep(POLL_SECONDS[min(poll, len(POLL_SECONDS) - 1)])
-    raise AssertionError("unreachable")
+    raise AssertionError("unreachable")  # itertools.count() does not end
 
 
 def job_outcome(job) -> tuple[JobReturn | None, str | None]:
