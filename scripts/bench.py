@@ -1,12 +1,16 @@
 """Capture cost against the forward pass the model runs anyway, on the same inputs, in one process.
 
-For each context length: loads `hardware.batch_size` samples, then alternates a plain forward pass (the model's
-own SDPA attention, no capture) with a full capture (Spectra's attention function, device-to-host copy, Parquet
-part written and closed), so both see the same machine load. Prints medians over the repeats (the ratio
-is the median of the per-round ratios).
+For each context length: loads `hardware.batch_size` samples of real text (data=builtin unless overridden), then
+each round runs, back to back so all three see the same machine load:
+  decoder forward  the base model (no LM head) with its own SDPA attention: the work the capture runs too
+  full forward     the whole model, logits included: what a user's own forward pass costs
+  capture          Spectra's attention function, device-to-host copy, Parquet part written and closed
+The ratios are medians of the per-round ratios (a burst of load from other jobs spoils one round, not the
+ratio); the main figure is capture / decoder forward. The first line says which machine, threads and library
+versions produced the figures: figures from two machines are only comparable when those agree.
 
-    python scripts/bench.py 512 2048 model=smollm2_135m hardware.num_threads=2
-    python scripts/bench.py 8192 --warmup 0 --repeats 1 model=smollm2_135m hardware.num_threads=2
+    python scripts/bench.py 512 2048 8192 model=smollm2_135m hardware.num_threads=2
+    python scripts/bench.py 512 2048 8192 --json model=llama3_8b_random hardware=h100     # on a GPU
     python scripts/bench.py 512 --json metrics.storage_dtype=float16 model=tiny_llama
 
 Arguments with '=' are Hydra overrides of the run config (same groups as `python -m spectra.run`); plain
@@ -17,14 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
+import psutil
 import torch
 from hydra import compose, initialize_config_dir
 
@@ -35,7 +42,7 @@ from spectra.config.schema import checked_config, register_configs  # noqa: E402
 from spectra.data.load import load_samples  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
 from spectra.models.loading import load_model  # noqa: E402
-from spectra.run import CONF_DIR  # noqa: E402
+from spectra.config.paths import config_dir  # noqa: E402
 from spectra.store.writer import PartWriter, metric_schema  # noqa: E402
 
 
@@ -44,16 +51,61 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+# Targets of capture / decoder forward (issue 11), by device type and context length.
+TARGETS = {"cpu": {512: 1.25, 2048: 1.5, 8192: 2.0}, "cuda": {512: 1.2, 8192: 1.5}}
+
+
+def machine() -> dict:
+    """What the figures depend on: processor, SIMD level, threads, library versions, GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(logical=True),
+        "simd": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "numba_threads": numba.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+class PeakRss:
+    """The process's largest resident set while the block runs, sampled every 5 ms (ru_maxrss would also count
+    the full forward's logits, which the capture never allocates)."""
+
+    def __enter__(self):
+        self.peak = psutil.Process().memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        process = psutil.Process()
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, process.memory_info().rss)
+
+    def __exit__(self, *exc_info):
+        self._stop.set()
+        self._thread.join()
 
 
 @torch.inference_mode()
-def time_forward(model, input_ids: torch.Tensor) -> float:
-    synchronize(model.device)
+def time_forward(forward, input_ids: torch.Tensor, device: torch.device) -> float:
+    synchronize(device)
     started = time.perf_counter()
-    model(input_ids=input_ids, use_cache=False)
-    synchronize(model.device)
+    forward(input_ids=input_ids, use_cache=False)
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -77,57 +129,70 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
 
-    forward_s, capture_s = [], []
-    plain = model.config._attn_implementation  # the model's own attention (SDPA) for the plain pass
+    decoder_s, forward_s, capture_s = [], [], []
+    peak_rss = 0
+    plain = model.config._attn_implementation  # the model's own attention (SDPA) for the plain passes
     with (
         AttentionCapture.from_config(model, cfg.metrics, cfg.hardware) as capture,
         tempfile.TemporaryDirectory(prefix="spectra-bench-") as scratch,
     ):
         for repeat in range(warmup + repeats):  # warm-up rounds are not counted
             model.set_attn_implementation(plain)
-            forward = time_forward(model, input_ids)
+            decoder = time_forward(model.base_model, input_ids, model.device)
+            forward = time_forward(model, input_ids, model.device)
             model.set_attn_implementation(ATTENTION_NAME)
-            seconds, rows, size = time_capture(
-                capture, input_ids, sample_ids, names, schema, Path(scratch) / f"round-{repeat}"
-            )
+            with PeakRss() as rss:
+                seconds, rows, size = time_capture(
+                    capture, input_ids, sample_ids, names, schema, Path(scratch) / f"round-{repeat}"
+                )
+            peak_rss = max(peak_rss, rss.peak)
             if repeat >= warmup:
+                decoder_s.append(decoder)
                 forward_s.append(forward)
                 capture_s.append(seconds)
 
-    forward, captured = statistics.median(forward_s), statistics.median(capture_s)
+    captured = statistics.median(capture_s)
     result = {
         "context_length": context_length,
-        "forward_s": round(forward, 6),
+        "decoder_forward_s": round(statistics.median(decoder_s), 6),
+        "forward_s": round(statistics.median(forward_s), 6),
         "capture_s": round(captured, 6),
-        # Median of the per-round ratios: each pairs a forward and a capture run back to back, so a burst of load
-        # from other jobs spoils one round, not the ratio.
+        # Medians of the per-round ratios: each pairs passes run back to back.
+        "capture_over_decoder": round(statistics.median(c / d for c, d in zip(capture_s, decoder_s)), 3),
         "capture_over_forward": round(statistics.median(c / f for c, f in zip(capture_s, forward_s)), 3),
+        "capture_over_decoder_rounds": [round(c / d, 3) for c, d in zip(capture_s, decoder_s)],
         "tokens_per_s": round(input_ids.numel() / captured, 1),
         "rows_per_s": round(rows / captured, 1),
         "bytes_per_row": round(size / rows, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "capture_peak_rss_mb": round(peak_rss / 2**20, 1),
         "batch_size": input_ids.shape[0],
         "repeats": len(capture_s),
-        "forward_s_min": round(min(forward_s), 6),
-        "capture_s_min": round(min(capture_s), 6),
         "storage_dtype": cfg.metrics.storage_dtype,
         "device": str(model.device),
-        "threads": torch.get_num_threads(),
+        "model": cfg.model.name,
+        "data": cfg.data.name,
     }
+    target = TARGETS.get(model.device.type, {}).get(context_length)
+    if target is not None:
+        result["target"] = target
+        result["target_met"] = result["capture_over_decoder"] <= target
     if model.device.type == "cuda":
         result["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(model.device) / 2**20, 1)
     return result
 
 
 def print_row(result: dict) -> None:
-    cuda = f", CUDA peak {result['cuda_peak_mb']:,.0f} MB" if "cuda_peak_mb" in result else ""
+    cuda = f"  CUDA peak {result['cuda_peak_mb']:,.0f} MB" if "cuda_peak_mb" in result else ""
+    target = ""
+    if "target" in result:
+        target = f"  target <= {result['target']}: {'met' if result['target_met'] else 'NOT met'}"
+    rounds = " ".join(f"{r:.2f}" for r in result["capture_over_decoder_rounds"])
     print(
-        f"T={result['context_length']:>5} B={result['batch_size']}  forward {result['forward_s']:.3f} s  "
-        f"capture {result['capture_s']:.3f} s  capture/forward {result['capture_over_forward']:.2f}  "
-        f"{result['tokens_per_s']:,.0f} tokens/s  {result['rows_per_s']:,.0f} rows/s  "
-        f"{result['bytes_per_row']:.2f} B/row  peak RSS {result['peak_rss_mb']:,.0f} MB{cuda}  "
-        f"(median of {result['repeats']}; min forward {result['forward_s_min']:.3f} s, "
-        f"min capture {result['capture_s_min']:.3f} s)",
+        f"T={result['context_length']:>5} B={result['batch_size']}  decoder forward {result['decoder_forward_s']:.3f} s"
+        f"  full forward {result['forward_s']:.3f} s  capture {result['capture_s']:.3f} s  "
+        f"capture/decoder {result['capture_over_decoder']:.2f} (rounds {rounds})  "
+        f"capture/full {result['capture_over_forward']:.2f}  {result['tokens_per_s']:,.0f} tokens/s  "
+        f"{result['bytes_per_row']:.2f} B/row  capture peak RSS {result['capture_peak_rss_mb']:,.0f} MB{cuda}{target}",
         flush=True,
     )
 
@@ -135,7 +200,7 @@ def print_row(result: dict) -> None:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("args", nargs="*", help="context lengths (integers) and Hydra overrides (key=value)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per context length (after 1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per context length (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (0 for very long contexts)")
     parser.add_argument("--json", action="store_true", help="one JSON object per context length")
     options = parser.parse_intermixed_args(argv)
@@ -148,9 +213,14 @@ def main(argv: list[str]) -> None:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
 
     register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = checked_config(compose(config_name="config", overrides=overrides))
     model, tokenizer = load_model(cfg.model, cfg.hardware)
+    info = machine()
+    if options.json:
+        print(json.dumps({"machine": info}), flush=True)
+    else:
+        print("machine: " + ", ".join(f"{key} {value}" for key, value in info.items()), flush=True)
     for context_length in lengths:
         result = bench_context(model, tokenizer, cfg, context_length, options.repeats, options.warmup)
         if options.json:

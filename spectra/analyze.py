@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 import polars as pl
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -31,6 +30,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from spectra.analysis import head_stats, plots, report
 from spectra.analysis.exports import duckdb_views, export_csv
 from spectra.analysis.runs import RunAnalysis, find_runs, run_record, scan_metrics
+from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import LoggerConfig, register_configs
 from spectra.errors import ConfigError, SpectraError
 from spectra.store.writer import write_parquet_atomic
@@ -38,7 +38,6 @@ from spectra.tracking.tracker import (
     wandb_mode,  # the capture's own rule: auto = WANDB_MODE, else online with credentials
 )
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 HEATMAP_METRICS = (
     "entropy", "max_attn", "k_eff", "query_norm", "entropy_normalized", "k_eff_fraction", "sink_attn", "attn_distance",
 )  # fmt: skip
@@ -271,7 +270,6 @@ def analyze(cfg: DictConfig) -> list[Path]:
     return reports
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
 def main(cfg: DictConfig) -> None:
     try:
         analyze(cfg)
@@ -281,4 +279,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entrypoint(main, "analyze", "spectra.analyze")

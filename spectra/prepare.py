@@ -13,14 +13,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
+from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
 from spectra.data.shards import prepare
 from spectra.errors import ConfigError, SpectraError
 from spectra.models.loading import load_tokenizer, model_location
-from spectra.run import CONF_DIR
 
 register_configs()
 
@@ -48,7 +47,6 @@ def print_summary(manifest: dict, data_dir: str, built: bool) -> None:
     print(f"  total      {manifest['documents']['count']} documents, {stored:,} tokens stored in {shards} shard(s)")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         cfg = checked_config(cfg)
@@ -62,4 +60,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    hydra_entrypoint(main, "config", "spectra")

@@ -23,7 +23,6 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -33,6 +32,7 @@ from tqdm import tqdm
 import spectra
 from spectra.capture.hook import AttentionCapture, metrics_to_host
 from spectra.capture.numerics import NumericsGuard, nonfinite_summary
+from spectra.config.paths import config_dir, hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
 from spectra.config.validate import Plan, check_command_line, dry_run_report, preflight
 from spectra.errors import SpectraError
@@ -60,8 +60,6 @@ from spectra.store.writer import (
     write_samples,
 )
 from spectra.tracking.tracker import Tracker, start_tracker
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
 
@@ -102,7 +100,7 @@ def capture(
     started_at = datetime.now(timezone.utc).isoformat()
     plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
 
-    model = load_weights(cfg.model, cfg.hardware)  # preflight already checked the config and tokenized
+    model = load_weights(cfg.model, cfg.hardware, plan.model_config)  # preflight read the config and tokenized
     shape = describe(model)
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
@@ -205,8 +203,8 @@ def print_summary(record: dict) -> None:
         print(f"  WARNING    {record['nonfinite']['total']:,} non-finite metric values kept; see nonfinite in run.json")
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
+    """The run, once Hydra has composed its config (cli below)."""
     try:
         with joined() as world:
             cfg = checked_config(cfg)
@@ -245,13 +243,13 @@ def _stop_on_sigterm(signum: int, _frame) -> None:
 def cli() -> None:
     """`python -m spectra.run`: a bad command line ends in one line, before Hydra creates a run directory."""
     try:
-        check_command_line(sys.argv[1:], CONF_DIR)
+        check_command_line(sys.argv[1:], config_dir())
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
-        main()
+        hydra_entrypoint(main, "config", "spectra")
     finally:
         signal.signal(signal.SIGTERM, previous)
 

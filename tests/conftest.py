@@ -16,9 +16,11 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from spectra.run import CONF_DIR  # noqa: E402
+from spectra.config.paths import config_dir  # noqa: E402
+from spectra.config.schema import register_configs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+register_configs()  # the schemas the YAML files start from (the entrypoints register them on import)
 
 
 def test_env(tmp_path: Path) -> dict[str, str]:
@@ -47,7 +49,7 @@ def run_spectra(tmp_path: Path, *overrides: str, module: str = "spectra.run", ti
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
 
 
@@ -58,6 +60,16 @@ def smollm2():
 
     cfg = compose_config("model=smollm2_135m")
     return load_model(cfg.model, cfg.hardware)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma 3 270M (assembled once into the user cache, dequantized from its GGUF), loaded once.
+    Weights only: parsing the GGUF's 262,144-token vocabulary again for the tokenizer costs ~15 s."""
+    from spectra.models.loading import load_weights
+
+    cfg = compose_config("model=gemma3_270m")
+    return load_weights(cfg.model, cfg.hardware)
 
 
 def run_spectra_inprocess(*argv: str) -> tuple[int, str, str]:

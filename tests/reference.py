@@ -4,6 +4,7 @@ float64 copy of the model, and the metrics computed from those weights in numpy.
 from __future__ import annotations
 
 import copy
+import sys
 
 import numpy as np
 import torch
@@ -55,3 +56,58 @@ def eager_reference(model, input_ids: torch.Tensor, threshold: float = 0.9) -> d
     q = q.view(len(queries), batch, seq_len, -1, head_dim).transpose(2, 3)  # (L, B, H, T, D)
     result["query_norm"] = q.norm(dim=-1).numpy()
     return result
+
+
+def recorded_eager_attention(model, input_ids: torch.Tensor, monkeypatch) -> tuple[list[tuple], tuple]:
+    """Runs a float64 copy of the model with eager attention and output_attentions=True, keeping what each layer
+    handed its `eager_attention_forward`: [(query, key, mask, scaling, softcap)] per layer, and the attention
+    weights eager returned. Query and key are the ones the model attends with (after RoPE and any q/k norm)."""
+    reference = copy.deepcopy(model).to(torch.float64)
+    reference.set_attn_implementation("eager")
+    attention = next(m for m in reference.modules() if type(m).__name__.endswith("Attention"))
+    modeling = sys.modules[type(attention).__module__]
+    eager, received = modeling.eager_attention_forward, []
+
+    def recorder(module, query, key, value, attention_mask, **kwargs):
+        received.append((query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(modeling, "eager_attention_forward", recorder)
+    try:
+        with torch.no_grad():  # the decoder stack alone: the reference needs no logits
+            weights = reference.base_model(input_ids=input_ids, use_cache=False, output_attentions=True).attentions
+    finally:
+        monkeypatch.setattr(modeling, "eager_attention_forward", eager)
+    return received, weights
+
+
+def causal_mask(seq_len: int, window: int | None) -> torch.Tensor:
+    """(T, T) bool, True where query t may attend to key j: j <= t, and t - window < j with a window."""
+    distance = torch.arange(seq_len)[:, None] - torch.arange(seq_len)[None, :]  # (T, T) t - j
+    return (distance >= 0) & ((distance < window) if window else True)
+
+
+def reference_metrics(
+    query: torch.Tensor, key: torch.Tensor, scaling: float, threshold: float, window: int | None, softcap=None
+) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """Every metric of one layer, naively in float64 over the full T x T matrix, with a causal mask built here
+    (query t sees keys t - window < j <= t when window is set); returns (metrics, p as (B, H, T, T))."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, T, D), as repeat_kv does
+    scores = query @ key.transpose(-1, -2) * scaling  # (B, H, T, T)
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = causal_mask(query.shape[-2], window)
+    distance = torch.arange(query.shape[-2])[:, None] - torch.arange(query.shape[-2])[None, :]  # (T, T) t - j
+    masked = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(masked, dim=-1)
+    metrics = {
+        **metrics_from_probs(probs.numpy(), threshold),  # entropy, max_attn, k_eff, k_eff_ambiguous
+        "query_norm": query.norm(dim=-1).numpy(),
+        "sink_attn": probs[..., 0].numpy(),
+        "attn_distance": (probs * distance.to(probs.dtype)).sum(-1).numpy(),
+        "max_logit": masked.amax(-1).numpy(),
+        "lse": torch.logsumexp(masked, dim=-1).numpy(),
+        "key_norm": key.norm(dim=-1).numpy(),
+        "visible_keys": allowed.sum(-1).expand(probs.shape[:-1]).numpy(),
+    }
+    return metrics, probs

@@ -26,7 +26,8 @@ from scipy import stats
 from wandb_files import inspect_summary
 
 from spectra.analysis import head_stats
-from spectra.analyze import CONF_DIR, analyze
+from spectra.analyze import analyze
+from spectra.config.paths import config_dir
 from spectra.errors import SpectraError
 
 METRICS = ("query_norm", "entropy", "max_attn", "k_eff")
@@ -53,7 +54,7 @@ def analyze_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def analyze_config(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name="analyze", overrides=list(overrides))
 
 

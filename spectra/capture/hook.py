@@ -90,6 +90,18 @@ def _eager_attention(module: torch.nn.Module) -> Callable:
     return eager
 
 
+def _value_and_output_norms(value: torch.Tensor, attn_output: torch.Tensor, heads: int) -> dict[str, torch.Tensor]:
+    """value_norm and output_norm (B, H, T) float32 from the tensors the model's attention used and returned.
+
+    value       (B, KV, T, D) not repeated for grouped-query heads: query head h reads KV head h // (H / KV)
+    attn_output (B, T, H, D)  sum_j p_j v_j per head, before o_proj, as transformers' implementations return it
+    """
+    batch, kv_heads, seq_len, _ = value.shape
+    value_norm = value.float().norm(dim=-1)  # (B, KV, T)
+    value_norm = value_norm.unsqueeze(2).expand(batch, kv_heads, heads // kv_heads, seq_len).reshape(batch, heads, seq_len)
+    return {"value_norm": value_norm, "output_norm": attn_output.float().norm(dim=-1).transpose(1, 2)}
+
+
 class AttentionCapture:
     """Context manager that swaps the model's attention implementation for the capturing one.
 
@@ -223,7 +235,10 @@ class AttentionCapture:
             delegate = _eager_attention(module)
         else:
             delegate = ALL_ATTENTION_FUNCTIONS[self._previous_implementation]
-        return delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        result = delegate(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        if self.extended:
+            self._layers[layer] = self._layers[layer]._replace(**_value_and_output_norms(value, result[0], query.shape[1]))
+        return result
 
     @torch.inference_mode()
     def run(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -15,6 +15,9 @@ and, with `extended=True` (metrics=extended), from the same scores at almost no 
     max_logit      max_j s_j, the largest scaled (and, where the model caps, soft-capped) score
     lse            ln sum_j exp(s_j), the log-partition of the scaled scores
     key_norm       ||k_t||_2, the token's own key for the query head's KV head
+    value_norm     ||v_t||_2, the token's own value for the query head's KV head      } filled in by the capture
+    output_norm    ||sum_j p_j v_j||_2, the head's output before o_proj (Kobayashi et } hook from the tensors the
+                   al., 2020: weights alone miss how much each head writes)           } model's attention returns
 
 The scores are the model's: scaling, then soft-capping `softcap * tanh(s / softcap)` (Gemma 2), then the
 causal mask, a sliding window (key j visible from t iff t - j < window, as transformers' masks define it) and
@@ -32,7 +35,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
+
+from spectra.capture import cpu_kernels
 
 
 class AttentionMetrics(NamedTuple):
@@ -48,11 +54,14 @@ class AttentionMetrics(NamedTuple):
     max_logit: torch.Tensor | None = None  # (B, H, T) float32
     lse: torch.Tensor | None = None  # (B, H, T) float32
     key_norm: torch.Tensor | None = None  # (B, H, T) float32
+    value_norm: torch.Tensor | None = None  # (B, H, T) float32, set by capture.hook
+    output_norm: torch.Tensor | None = None  # (B, H, T) float32, set by capture.hook
 
 
 METRIC_FIELDS = AttentionMetrics._fields
 DEFAULT_METRIC_FIELDS = METRIC_FIELDS[:4]  # the four every run writes unless metrics.names says otherwise
 EXTENDED_METRIC_FIELDS = METRIC_FIELDS[4:]  # computed only when one of them is asked for
+OUTPUT_METRIC_FIELDS = ("value_norm", "output_norm")  # need the attention's output: set by the capture hook
 
 
 def k_eff_from_probs(probs: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -70,41 +79,47 @@ def k_eff_from_probs(probs: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def k_eff_fast(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The same integers as `k_eff_from_probs`, several times faster on CPU. probs (..., S) -> (...) int32."""
-    return _k_eff_from_negated(probs.neg(), threshold)
+    """The same integers as `k_eff_from_probs`, without sorting whole rows. probs (..., S) -> (...) int32."""
+    seq_len = probs.shape[-1]
+    rows = probs.reshape(-1, seq_len).float()  # (N, S)
+    ones = torch.ones(rows.shape[0], device=probs.device)
+    return _k_eff(rows.contiguous(), ones, None, threshold).reshape(probs.shape[:-1])
 
 
-def _k_eff_from_negated(negated: torch.Tensor, threshold: float) -> torch.Tensor:
-    """k_eff of probs = -negated, overwriting `negated` (it is scratch): no temporaries the size of the block.
+def _k_eff(e: torch.Tensor, partition: torch.Tensor, key_range, threshold: float) -> torch.Tensor:
+    """k_eff of p = e / partition per row. e (N, S) >= 0 (hidden keys 0); partition (N,); key_range (lo, hi) (N,)
+    int64 tensors of the keys each row may see, or None for all."""
+    if key_range is None:
+        key_range = (torch.zeros(e.shape[0], dtype=torch.int64), torch.full((e.shape[0],), e.shape[1]))
+    if e.device.type == "cpu":
+        out = np.empty(e.shape[0], dtype=np.int32)
+        lo, hi = key_range
+        cpu_kernels.k_eff_rows(e.numpy(), partition.numpy(), lo.numpy(), hi.numpy(), threshold, out)
+        return torch.from_numpy(out)
+    return _k_eff_topk(e, partition, threshold)
 
-    The same integers as `k_eff_from_probs`, by construction: an ascending sort of -p, negated back, is p sorted
-    descending (equal values are interchangeable); the running sum is the same `cumsum` over the same values in
-    the same order; and since that running sum never decreases, a binary search for the threshold counts exactly
-    the prefixes still short of it. The gain is the sort: on CPU numpy's SIMD sort (x86-simd-sort) is ~50x
-    faster than torch.sort on these rows, and a search replaces the full-size compare-and-count.
+
+def _k_eff_topk(e: torch.Tensor, partition: torch.Tensor, threshold: float, first: int = 128) -> torch.Tensor:
+    """k_eff on devices without the CPU kernels: the top-K keys of every row (a top-K prefix is exactly the
+    sort's prefix), K grown 8x only for the rows whose top-K mass is still short of the threshold.
+
+    Hidden keys must hold e = 0. The running sum is accumulated in float64, so the prefix sums do not depend on
+    how the device's scan splits the row.
     """
-    seq_len = negated.shape[-1]
-    rows = negated.reshape(-1, seq_len)  # (N, S), a view: the block is contiguous
-    _sort_rows_ascending_(rows)  # -p ascending
-    zero = torch.zeros(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-    allowed = torch.searchsorted(rows, zero).clamp_(min=1)  # (N, 1) keys with p > 0 (-0.0 sorts with 0.0)
-    cumulative = rows.neg_().cumsum_(dim=-1)  # (N, S) running sum of p descending, as in the reference
-    # float32 comparison with float32(threshold), as `cumulative < threshold` does in the reference.
-    below = torch.searchsorted(cumulative, zero.fill_(threshold))  # (N, 1) prefixes with sum < threshold
-    # A row whose rounded total falls short of the threshold would count every key, masked ones included; the
-    # reference caps k_eff at the number of allowed keys, and so does this.
-    k_eff = torch.minimum(below + 1, allowed)
-    return k_eff.to(torch.int32).reshape(negated.shape[:-1])
-
-
-def _sort_rows_ascending_(rows: torch.Tensor) -> None:
-    """Sorts each row of a contiguous (N, S) tensor in place."""
-    if rows.device.type == "cpu":
-        # numpy's sort shares the tensor's memory. One thread: splitting rows over a thread pool measured no
-        # faster on 2 cores, where torch's own threads are still spinning after the previous op.
-        rows.detach().numpy().sort(axis=-1)
-    else:
-        rows.copy_(rows.sort(dim=-1).values)
+    rows, seq_len = e.shape
+    k_eff = torch.empty(rows, dtype=torch.int32, device=e.device)
+    allowed = (e > 0).sum(dim=-1).clamp_(min=1)
+    pending = torch.arange(rows, device=e.device)
+    top = min(first, seq_len)
+    while pending.numel():
+        values = torch.topk(e[pending], top, dim=-1, sorted=True).values  # (P, K) descending
+        cumulative = (values / partition[pending, None]).double().cumsum(dim=-1).float()  # (P, K)
+        below = (cumulative < threshold).sum(dim=-1)
+        done = (cumulative[:, -1] >= threshold) | (top >= allowed[pending])
+        k_eff[pending[done]] = torch.minimum(below[done] + 1, allowed[pending[done]]).to(torch.int32)
+        pending = pending[~done]
+        top = min(top * 8, seq_len)
+    return k_eff
 
 
 def _block_rows(batch: int, heads: int, seq_len: int, budget_bytes: int) -> int:
@@ -140,92 +155,115 @@ def attention_metrics(
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads cannot share {kv_heads} KV heads evenly")
     groups = heads // kv_heads
+    device = query.device
 
     query_norm = query.float().norm(dim=-1)  # (B, H, T)
     # Scaling q once costs T*D instead of a pass over every score.
     q = (query.float() * scaling).view(batch, kv_heads, groups, seq_len, head_dim)  # (B, KV, G, T, D)
     k_t = key.float().transpose(-1, -2)  # (B, KV, D, T)
 
-    entropy = torch.empty(batch, heads, seq_len, dtype=torch.float32, device=query.device)
-    max_attn = torch.empty_like(entropy)
-    k_eff = torch.empty(batch, heads, seq_len, dtype=torch.int32, device=query.device)
-
-    # --- extended metrics: allocation (nothing when not asked for) ---
+    out = {
+        name: torch.empty(batch, heads, seq_len, dtype=torch.float32, device=device)
+        for name in METRIC_FIELDS
+        if name not in OUTPUT_METRIC_FIELDS
+    }
+    out["k_eff"] = torch.empty(batch, heads, seq_len, dtype=torch.int32, device=device)
+    out["query_norm"] = query_norm
     if extended:
-        sink_attn = torch.empty_like(entropy)
-        attn_distance = torch.empty_like(entropy)
-        max_logit = torch.empty_like(entropy)
-        lse = torch.empty_like(entropy)
         # Each query head h reads KV head h // G: (B, KV, T) -> (B, KV, G, T) -> (B, H, T)
         key_norm = key.float().norm(dim=-1).unsqueeze(2).expand(batch, kv_heads, groups, seq_len)
-        key_norm = key_norm.reshape(batch, heads, seq_len)
-    # --- end extended metrics ---
+        out["key_norm"] = key_norm.reshape(batch, heads, seq_len)
 
+    reduce_block = _reduce_block_cpu if device.type == "cpu" else _reduce_block_torch
     rows = _block_rows(batch, heads, seq_len, block_bytes)
-    positions = torch.arange(seq_len, device=query.device)
+    positions = torch.arange(seq_len, device=device)
     for start in range(0, seq_len, rows):
         stop = min(seq_len, start + rows)
-        # Queries start..stop-1 may only see keys 0..stop-1.
         block = stop - start
+        # Keys the block's queries may see: up to stop - 1 (causal), from start - window + 1 (sliding window;
+        # only when no mask is given, since a given mask already carries the window).
+        window = sliding_window if allowed is None else None
+        first_key = max(0, start - window + 1) if window is not None else 0
         # (B, KV, G*R, D) @ (B, KV, D, S): one batched matmul per KV head, with no copy of k per query head.
-        scores = (q[:, :, :, start:stop].reshape(batch, kv_heads, groups * block, head_dim) @ k_t[..., :stop]).view(
-            batch, kv_heads, groups, block, stop
-        )  # (B, KV, G, R, S)
+        queries = q[:, :, :, start:stop].reshape(batch, kv_heads, groups * block, head_dim)
+        scores = (queries @ k_t[..., first_key:stop]).view(batch, kv_heads, groups, block, stop - first_key)
         if softcap is not None:
             scores = scores.div_(softcap).tanh_().mul_(softcap)
-        if allowed is None and sliding_window is None:
-            # Keys before `start` are visible to every query of the block: only the (R, R) square at the
-            # diagonal needs the causal mask.
-            masked = scores[..., start:stop]  # (B, KV, G, R, R) view
-            hidden = positions[start:stop, None] < positions[None, start:stop]  # (R, R) future keys
-        else:
-            masked = scores
-            mask = positions[None, :stop] <= positions[start:stop, None]  # (R, S) causal
+        if allowed is not None or sliding_window is not None:
+            key_pos = positions[first_key:stop]
+            mask = key_pos[None, :] <= positions[start:stop, None]  # (R, S) causal
             if sliding_window is not None:
-                mask = mask & (positions[None, :stop] > positions[start:stop, None] - sliding_window)
+                mask = mask & (key_pos[None, :] > positions[start:stop, None] - sliding_window)
             if allowed is not None:
-                block_allowed = allowed[:, 0, start:stop, :stop].unsqueeze(1).unsqueeze(1)  # (B|1, 1, 1, R, S)
+                block_allowed = allowed[:, 0, start:stop, first_key:stop].unsqueeze(1).unsqueeze(1)  # (B|1,1,1,R,S)
                 mask = mask & block_allowed
-            hidden = ~mask
-        masked.masked_fill_(hidden, float("-inf"))
+            scores.masked_fill_(~mask, float("-inf"))
+        # Each row's visible key range [lo, hi) within the block's keys: causal, and the window when known.
+        query_pos = positions[start:stop]
+        hi = query_pos + 1 - first_key
+        lo = (query_pos - window + 1 - first_key).clamp_(min=0) if window is not None else torch.zeros_like(hi)
+        block_metrics = reduce_block(scores, lo, hi, first_key, query_pos, k_eff_threshold, extended)
+        for name, values in block_metrics.items():
+            out[name][:, :, start:stop] = values.reshape(batch, heads, block)
 
-        # Shift by the row max: exp(z) <= 1, the max entry is exactly exp(0) = 1, so max p = 1 / Z exactly.
-        row_max = scores.amax(dim=-1, keepdim=True)  # (B, KV, G, R, 1)
-        # z = s - max, in place. Clamped at -87 (exp(-87) ~ 1.6e-38, still a normal float): torch's vectorized exp
-        # is ~5x slower on inputs whose exp underflows, and real attention rows are full of them. A key that far
-        # below the max gets p ~ 1e-38 instead of ~0, which no metric can see; hidden keys are re-zeroed below.
-        shifted = scores.sub_(row_max).clamp_(min=-87.0)
-        exp_shifted = shifted.exp()
-        (exp_shifted[..., start:stop] if masked is not scores else exp_shifted).masked_fill_(hidden, 0.0)
-        partition = exp_shifted.sum(dim=-1, keepdim=True)
-        # -sum p ln p = ln Z - sum(e z) / Z, without materialising p ln p (hidden keys: e = 0, z finite).
-        expected_shift = shifted.mul_(exp_shifted).sum(dim=-1) / partition.squeeze(-1)
-        block_entropy = partition.squeeze(-1).log() - expected_shift  # (B, KV, G, R)
+    return AttentionMetrics(*(out.get(name) if extended or name in DEFAULT_METRIC_FIELDS else None
+                              for name in METRIC_FIELDS))
 
-        entropy[:, :, start:stop] = block_entropy.clamp(min=0.0).reshape(batch, heads, block)
-        max_attn[:, :, start:stop] = partition.squeeze(-1).reciprocal().reshape(batch, heads, block)
 
-        # --- extended metrics: per-row reductions of this block's tensors ---
-        if extended:
-            block_shape = (batch, heads, block)
-            # Masked keys hold p = 0 and a finite distance, so they add nothing.
-            distance = (positions[start:stop, None] - positions[None, :stop]).float()  # (R, S)
-            sink_attn[:, :, start:stop] = (exp_shifted[..., 0] / partition.squeeze(-1)).reshape(block_shape)
-            attn_distance[:, :, start:stop] = ((exp_shifted * distance).sum(dim=-1) / partition.squeeze(-1)).reshape(
-                block_shape
-            )
-            max_logit[:, :, start:stop] = row_max.squeeze(-1).reshape(block_shape)
-            lse[:, :, start:stop] = (row_max + partition.log()).squeeze(-1).reshape(block_shape)
-        # --- end extended metrics ---
-
-        # -p = e / (-Z): the probabilities, negated for k_eff's sort, in place (last: it overwrites e).
-        negated_probs = exp_shifted.div_(partition.neg())
-        k_eff[:, :, start:stop] = _k_eff_from_negated(negated_probs, k_eff_threshold).reshape(batch, heads, block)
-
+def _reduce_block_cpu(scores, lo, hi, first_key, query_pos, threshold, extended) -> dict[str, torch.Tensor]:
+    """One block's per-row metrics with the CPU kernels. scores (B, KV, G, R, S), masked keys -inf."""
+    width = scores.shape[-1]
+    rows = scores.reshape(-1, width)  # (N, S), N = B*KV*G*R, a view: the block is contiguous
+    repeat = rows.shape[0] // query_pos.numel()
+    lo, hi, query_pos = lo.repeat(repeat), hi.repeat(repeat), query_pos.repeat(repeat)  # (N,) row r: query r % R
+    entropy = np.empty(rows.shape[0], dtype=np.float32)
+    max_attn = np.empty_like(entropy)
+    k_eff = np.empty(rows.shape[0], dtype=np.int32)
+    sums = np.empty((4, rows.shape[0] if extended else 0), dtype=np.float32)
+    cpu_kernels.row_metrics(
+        rows.numpy(), lo.numpy(), hi.numpy(), first_key, query_pos.numpy(), threshold, entropy, max_attn, k_eff, sums
+    )
+    result = {"entropy": entropy, "max_attn": max_attn, "k_eff": k_eff}
     if extended:
-        extended_metrics = (sink_attn, attn_distance, max_logit, lse, key_norm)
-        return AttentionMetrics(query_norm, entropy, max_attn, k_eff, *extended_metrics)
-    return AttentionMetrics(query_norm, entropy, max_attn, k_eff)
+        result |= {"sink_attn": sums[0], "attn_distance": sums[1], "max_logit": sums[2], "lse": sums[3]}
+    return {name: torch.from_numpy(values) for name, values in result.items()}
+
+
+def _reduce_block_torch(scores, lo, hi, first_key, query_pos, threshold, extended) -> dict[str, torch.Tensor]:
+    """The same per-row metrics with torch operations, for any device. scores (B, KV, G, R, S), hidden keys -inf.
+
+    The block arrives with keys past each query's range already -inf only where a mask was applied; apply the
+    causal range here (keys outside [lo, hi) hidden) so both paths see the same keys.
+    """
+    width = scores.shape[-1]
+    key_index = torch.arange(width, device=scores.device)
+    outside = (key_index[None, :] < lo[:, None]) | (key_index[None, :] >= hi[:, None])  # (R, S)
+    scores.masked_fill_(outside, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)  # (B, KV, G, R, 1)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    # Clamped as the CPU kernels clamp (see cpu_kernels.MIN_SHIFTED_SCORE); hidden keys stay -inf and get e = 0.
+    shifted = scores.sub_(row_max)
+    shifted = torch.where(shifted == float("-inf"), shifted, shifted.clamp(min=float(cpu_kernels.MIN_SHIFTED_SCORE)))
+    e = shifted.exp()
+    partition = e.sum(dim=-1)  # (B, KV, G, R)
+    # -sum p ln p = ln Z - sum(e z) / Z (hidden keys: e = 0, and 0 * -inf is kept out)
+    weighted_shift = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(dim=-1)
+    result = {
+        "entropy": (partition.log() - weighted_shift / partition).clamp(min=0.0),
+        "max_attn": partition.reciprocal(),
+    }
+    rows = e.reshape(-1, width)
+    result["k_eff"] = _k_eff_topk(rows, partition.reshape(-1), threshold).view(partition.shape)
+    if extended:
+        key_pos = (first_key + key_index).float()
+        sink = e[..., 0] / partition if first_key == 0 else torch.zeros_like(partition)
+        result |= {
+            "sink_attn": sink,
+            "attn_distance": query_pos.float() - (e @ key_pos) / partition,
+            "max_logit": row_max.squeeze(-1),
+            "lse": row_max.squeeze(-1) + partition.log(),
+        }
+    return result
 
 
 def prototype_scaling(head_dim: int) -> float:

@@ -32,6 +32,9 @@ class ModelConfig:
     path: Optional[str] = None  # local checkpoint directory; overrides name_or_path when set
     package: Optional[str] = None  # Python package whose folder holds the files (the embedded default model)
     gguf_file: Optional[str] = None  # file name inside that folder (source=gguf)
+    # The package holds chunks and an assemble() that joins them into gguf_file; Spectra assembles it once into
+    # the user cache and reuses it (spectra/models/assembled.py).
+    assembled: bool = False
     tokenizer: Optional[str] = None  # tokenizer location when it differs from the model's ("pkg:<package>/<dir>")
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     trust_remote_code: bool = False  # runs code from the checkpoint; only on explicit opt-in
@@ -139,6 +142,11 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(key, str(error).splitlines()[0]) from None
 
     _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", "must be one of hub, gguf, random")
+    _require(
+        not cfg.model.assembled or bool(cfg.model.package and cfg.model.gguf_file),
+        "model.assembled",
+        "needs model.package (the package that assembles the file) and model.gguf_file (its name)",
+    )
     _require(cfg.data.context_length > 0, "data.context_length", f"must be > 0, got {cfg.data.context_length}")
     _require(cfg.data.n_samples > 0, "data.n_samples", f"must be > 0, got {cfg.data.n_samples}")
     _require(cfg.hardware.batch_size > 0, "hardware.batch_size", f"must be > 0, got {cfg.hardware.batch_size}")

@@ -100,6 +100,8 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     job = OmegaConf.to_container(composed)
     job.pop("hydra")
     cfg = checked_config(OmegaConf.create(job))
+    if cfg.model.source == "hub":
+        model_location(cfg.model)  # an empty name, or a model.path that is no folder (cheap; gguf may assemble)
     out = Path(cfg.run.output_dir or composed.hydra.run.dir)
     check_writable(out, output_key(cfg))
     # Before Hydra overwrites <run>/.hydra/ with this command's config: another run there, or one to resume

@@ -2,7 +2,8 @@
 
 Three sources, one per kind of checkpoint Spectra meets:
     hub     a Hugging Face id or a local checkpoint directory (`model.path` wins when set)
-    gguf    a GGUF file, dequantized on load; the embedded default ships inside a Python package
+    gguf    a GGUF file, dequantized on load; the embedded default ships inside a Python package, and
+            model=gemma3_270m is assembled from chunk packages into the user cache once (assembled.py)
     random  freshly initialised weights from `model.architecture` (seeded), for tests
 
     python -m spectra.run model=tiny_llama data=synthetic --cfg job
@@ -13,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numba
 import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import (
@@ -24,6 +26,7 @@ from transformers import (
 )
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.models.assembled import assembled_file
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -54,10 +57,14 @@ def model_location(model_cfg: DictConfig) -> str:
         if not Path(model_cfg.path).is_dir():
             raise ConfigError("model.path", f"'{model_cfg.path}' is not a directory holding a checkpoint")
         return model_cfg.path
+    if model_cfg.package and model_cfg.assembled:
+        return str(assembled_file(model_cfg.package, model_cfg.gguf_file).parent)
     if model_cfg.package:
         return str(package_dir(model_cfg.package))
     if not model_cfg.name_or_path:
-        raise ConfigError("model.name_or_path", "is empty; set a hub id or model.path=<checkpoint dir>")
+        raise ConfigError(
+            "model.name_or_path", "is empty; name the model: model.name_or_path=<org/name on the hub, or a local folder>"
+        )
     return model_cfg.name_or_path
 
 
@@ -73,12 +80,18 @@ def load_model(model_cfg: DictConfig, hardware_cfg: DictConfig) -> tuple[PreTrai
     return load_weights(model_cfg, hardware_cfg), load_tokenizer(model_cfg, location)
 
 
-def load_weights(model_cfg: DictConfig, hardware_cfg: DictConfig) -> PreTrainedModel:
-    """The model alone, in eval mode on its device (a run has its tokenizer from preflight already)."""
+def load_weights(
+    model_cfg: DictConfig, hardware_cfg: DictConfig, config: PretrainedConfig | None = None
+) -> PreTrainedModel:
+    """The model alone, in eval mode on its device (a run has its tokenizer from preflight already). `config`, when
+    preflight has read it, is not read again: for a GGUF file that means parsing its whole vocabulary (~10 s for
+    Gemma 3's 262,144 tokens)."""
     device = resolve_device(hardware_cfg.device)
     dtype = TORCH_DTYPES[hardware_cfg.dtype]
     if hardware_cfg.num_threads:
         torch.set_num_threads(hardware_cfg.num_threads)
+        # The capture's CPU kernels (spectra/capture/cpu_kernels.py) run on Numba's own thread pool.
+        numba.set_num_threads(min(hardware_cfg.num_threads, numba.config.NUMBA_NUM_THREADS))
 
     if model_cfg.source == "random":
         architecture = OmegaConf.to_container(model_cfg.architecture, resolve=True)
@@ -86,10 +99,15 @@ def load_weights(model_cfg: DictConfig, hardware_cfg: DictConfig) -> PreTrainedM
             raise ConfigError("model.architecture.model_type", "is required for model.source=random")
         config = AutoConfig.for_model(**architecture)
         torch.manual_seed(model_cfg.seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        # Created on the device in the run's dtype: Llama-3-8B's shape in bf16 on a GPU never takes a 32 GB
+        # float32 copy in host memory.
+        with device:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         location = model_location(model_cfg)
         options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        if config is not None:
+            options["config"] = config
         if model_cfg.source == "gguf":
             if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
                 raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")

@@ -1,0 +1,91 @@
+"""A wheel that works: built from the sources alone, installed outside the checkout, it runs the entrypoints from
+another folder with the configs it carries (conf/ mapped to spectra/conf/); without them, one line.
+
+`pip install --target` of the built wheel stands in for a fresh venv (the dependencies are those of this venv);
+PYTHONPATH puts the installed copy ahead of the checkout's editable install, and the test checks it did.
+
+    python -m pytest tests/test_wheel.py
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from conftest import test_env as subprocess_env  # not test_*: pytest would collect it
+
+
+def pip(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args], check=True,
+                   capture_output=True, text=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path]:
+    """(the built wheel, the folder it is installed into). Built from a copy of the sources, so the checkout
+    gets no build/ folder and nothing outside the sources can leak into the wheel."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"
+    for name in ("spectra", "conf", "hydra_plugins"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    pip("wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(source))
+    (wheel,) = (tmp / "dist").glob("spectra-*.whl")
+    pip("install", "--no-deps", "--target", str(tmp / "site"), str(wheel))
+    return wheel, tmp / "site"
+
+
+def run_installed(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = subprocess_env(cwd) | {"PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_wheel_holds_every_module_and_config(installed):
+    wheel, _ = installed
+    names = set(zipfile.ZipFile(wheel).namelist())
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "spectra").rglob("*.py")}
+    configs = {"spectra/" + p.relative_to(REPO).as_posix() for p in (REPO / "conf").rglob("*.yaml")}
+    assert modules and configs and "spectra/conf/model/gemma3_270m.yaml" in configs
+    assert modules - names == set(), "add the missing package to [tool.setuptools] packages in pyproject.toml"
+    assert configs - names == set()
+
+
+def test_installed_wheel_runs_from_another_folder(installed, tmp_path):
+    _, site = installed
+    where = run_installed(site, tmp_path, "-c", "import spectra; print(spectra.__file__)")
+    assert where.stdout.strip() == str(site / "spectra" / "__init__.py")  # the wheel's copy, not the checkout
+
+    run = tmp_path / "run"
+    overrides = ["model=tiny_llama", "data=synthetic", "data.context_length=32", "data.n_samples=1", "logger=none"]
+    result = run_installed(site, tmp_path, "-m", "spectra.run", *overrides, f"hydra.run.dir={run}")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((run / "run.json").read_text())
+    assert record["counts"]["rows"] == record["counts"]["expected_rows"] == 3 * 8 * 32
+
+    analyzed = run_installed(site, tmp_path, "-m", "spectra.analyze", f"run_dir={run}", "top_heads=1")
+    assert analyzed.returncode == 0, analyzed.stderr
+    assert (run / "analysis" / "report.md").is_file()
+    prepare = run_installed(site, tmp_path, "-m", "spectra.prepare", "data=slimpajama", "--cfg", "job")
+    assert prepare.returncode == 0 and "hub_id: DKYoon/SlimPajama-6B" in prepare.stdout, prepare.stderr
+
+
+def test_missing_config_folder_is_one_line(installed, tmp_path):
+    _, site = installed
+    broken = tmp_path / "site"
+    shutil.copytree(site, broken)
+    shutil.rmtree(broken / "spectra" / "conf")
+    for module, program in (("spectra.run", "spectra"), ("spectra.analyze", "spectra.analyze")):
+        result = run_installed(broken, tmp_path, "-m", module, "logger=none")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [
+            f"{program}: error: Spectra's config folder is missing: neither {broken / 'spectra' / 'conf'} "
+            f"(installed) nor {broken / 'conf'} (checkout) holds config.yaml; reinstall Spectra from its "
+            "repository (pip install <checkout or git URL>)"
+        ], module
