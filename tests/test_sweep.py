@@ -2,7 +2,7 @@
 
 The same 2 x 2 sweep runs with Hydra's basic launcher (jobs in one process) and with submitit_local (jobs as
 separate processes, as on SLURM). It starts from the shipped standard sweep, whose values the command line
-replaces; the shipped sweep and SLURM launcher configs are also composed and checked.
+replaces; the shipped sweep config is also composed and checked (the SLURM launcher's: tests/test_slurm.py).
 """
 
 from __future__ import annotations
@@ -84,10 +84,3 @@ def test_standard_sweep_config():
     assert choices == {"data.context_length": [128, 256, 512, 1024, 2048], "data.n_samples": [16]}
     assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
 
-
-def test_slurm_launcher_config():
-    cfg = compose_hydra("hydra/launcher=slurm", "hydra.launcher.partition=gpu")
-    launcher = cfg.hydra.launcher
-    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
-    assert (launcher.partition, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 1)
-    assert launcher.timeout_min == 240 and list(launcher.setup)[0] == "source .venv/bin/activate"

@@ -32,7 +32,7 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
     gets no build/ folder and nothing outside the sources can leak into the wheel."""
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
-    for name in ("spectra", "conf"):
+    for name in ("spectra", "conf", "hydra_plugins"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
