@@ -16,10 +16,12 @@ Reads top to bottom: check config -> load model -> load samples -> capture batch
 
 from __future__ import annotations
 
+import logging
 import platform
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,8 +36,8 @@ import spectra
 from spectra.capture.hook import AttentionCapture, metrics_to_host
 from spectra.capture.numerics import NumericsGuard, nonfinite_summary
 from spectra.config.schema import checked_config, register_configs
-from spectra.config.validate import Plan, check_command_line, dry_run_report, preflight
-from spectra.errors import SpectraError
+from spectra.config.validate import Plan, check_command_line, dry_run_report, output_key, preflight
+from spectra.errors import SpectraError, disk_fault
 from spectra.launch.distributed import (
     World,
     gathered,
@@ -43,7 +45,6 @@ from spectra.launch.distributed import (
     rank_device,
     same_directory,
     share,
-    summed,
 )
 from spectra.models.loading import describe, load_weights
 from spectra.store.manifest import (
@@ -51,11 +52,14 @@ from spectra.store.manifest import (
     batch_done,
     delete_leftovers,
     fingerprint,
+    listed_parts,
     manifest_path,
 )
+from spectra.store.lock import FolderLock
 from spectra.store.writer import (
     PartWriter,
     metric_schema,
+    write_config_record,
     write_json_atomic,
     write_samples,
 )
@@ -107,11 +111,12 @@ def capture(
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
     if world.is_main:
-        delete_leftovers(plan.resume)
+        delete_leftovers(plan.resume, out, fingerprint(cfg))
     gathered(world, None)  # rank 0 has deleted the leftovers before any rank writes a part of the same name
     manifest_file = manifest_path(out, world.rank if world.size > 1 else None)
     manifest = Manifest(manifest_file, fingerprint(cfg), plan.resume.kept_parts(manifest_file))
-    resumed_samples, resumed_rows = len(plan.resume.completed), sum(part.rows for part in manifest.parts)
+    resumed_samples = len(plan.resume.completed)  # all ranks' kept parts
+    resumed_rows = sum(part.rows for kept in plan.resume.kept.values() for part in kept)
     if world.is_main:
         write_samples(out / "samples.parquet", samples)
     own = share(samples, world)  # this rank's samples; all of them without torchrun
@@ -151,11 +156,11 @@ def capture(
                 seconds=time.perf_counter() - capture_started,
             )
     capture_seconds = time.perf_counter() - capture_started
-    # Every rank's parts are on disk once all ranks get here; run.json counts them all.
-    written = summed(
-        world, rows=writer.rows, part_files=len(writer.files), metric_bytes=writer.bytes, resumed_rows=resumed_rows
-    )
+    # Every rank's parts are on disk once all ranks get here; run.json counts what all manifests list (also the
+    # parts of ranks an earlier attempt had and this one has not).
     capture_seconds = max(gathered(world, capture_seconds))
+    parts = listed_parts(out).values()
+    written = {"rows": sum(p.rows for p in parts), "part_files": len(parts), "metric_bytes": sum(p.bytes for p in parts)}
 
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -178,11 +183,13 @@ def capture(
             "capture_seconds": capture_seconds,
             # This attempt's work only: a resumed run skipped the samples kept from earlier attempts.
             "tokens_per_second": (len(samples) - resumed_samples) * cfg.data.context_length / capture_seconds,
-            "rows_per_second": (written["rows"] - written["resumed_rows"]) / capture_seconds,
+            "rows_per_second": (written["rows"] - resumed_rows) / capture_seconds,
         },
         "output_dir": str(out.resolve()),
         "world_size": world.size,
     }
+    if resumed_samples == len(samples) and plan.resume.previous_record:  # nothing left to do: keep what it took
+        record["timing"] = plan.resume.previous_record.get("timing", record["timing"])
     if world.is_main:
         write_json_atomic(record, out / "run.json")
     return record
@@ -205,35 +212,63 @@ def print_summary(record: dict) -> None:
         print(f"  WARNING    {record['nonfinite']['total']:,} non-finite metric values kept; see nonfinite in run.json")
 
 
+def writer_lock(out: Path, cfg: DictConfig, world: World):
+    """The run directory's lock, held by rank 0 for the run's life (the other ranks write only under its cover)."""
+    if not world.is_main or cfg.run.dry_run:  # a dry run writes nothing, not even the lock file
+        return nullcontext()
+    return FolderLock(out, output_key(cfg))
+
+
+def record_config(out: Path, composed: DictConfig) -> None:
+    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml) and run.log."""
+    write_config_record(out, composed, HydraConfig.get())
+    handler = logging.FileHandler(out / "run.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(composed: DictConfig) -> None:
+    out = None
     try:
         with joined() as world:
-            cfg = checked_config(cfg)
+            cfg = checked_config(composed)
             cfg.hardware.device = rank_device(cfg.hardware.device, world)
             out = same_directory(world, run_directory(cfg))
-            plan = preflight(cfg, out)  # every check that needs no weights, before W&B starts; writes nothing
-            gathered(world, None)  # every rank has looked at the run directory before any rank changes it
-            if cfg.run.dry_run:
+            with writer_lock(out, cfg, world):  # one writer per run directory; a second process is refused
+                plan = preflight(cfg, out)  # every check that needs no weights, before W&B starts; writes nothing
+                gathered(world, None)  # every rank has looked at the run directory before any rank changes it
+                if cfg.run.dry_run:
+                    if world.is_main:
+                        print(dry_run_report(cfg, plan))
+                    return
                 if world.is_main:
-                    print(dry_run_report(cfg, plan))
-                return
-            with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
-                record = capture(cfg, out, world, tracker, plan)
-                tracker.log_results(record)
+                    record_config(out, composed)
+                with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
+                    record = capture(cfg, out, world, tracker, plan)
+                    tracker.log_results(record)
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        if (fault := disk_fault(error)) is None:
+            raise
+        print(f"spectra: error: {fault}; the finished parts are kept; {resume_hint(out)}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM via _stop_on_sigterm; parts in flight have landed
-        where = run_directory(cfg)
         print(
-            f"spectra: interrupted ({stop or 'SIGINT'}); the finished parts are kept in {where}; "
-            f"finish the run with run.resume=true hydra.run.dir={where}",
+            f"spectra: interrupted ({stop or 'SIGINT'}); the finished parts are kept; {resume_hint(out)}",
             file=sys.stderr,
         )
         sys.exit(130)
     if world.is_main:
         print_summary(record)
+
+
+def resume_hint(out: Path | None) -> str:
+    if out is None:
+        return "nothing was written"
+    return f"finish the run with: python -m spectra.run <same overrides> run.resume=true hydra.run.dir={out}"
 
 
 def _stop_on_sigterm(signum: int, _frame) -> None:

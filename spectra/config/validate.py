@@ -45,6 +45,7 @@ from spectra.models.loading import (
     model_location,
     resolve_device,
 )
+from spectra.store.lock import FolderLock
 from spectra.store.manifest import ResumeState, fingerprint, inspect_run_directory
 
 # A key whose last part names a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN) only:
@@ -102,8 +103,8 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
     cfg = checked_config(OmegaConf.create(job))
     out = Path(cfg.run.output_dir or composed.hydra.run.dir)
     check_writable(out, output_key(cfg))
-    # Before Hydra overwrites <run>/.hydra/ with this command's config: another run there, or one to resume
-    # with other settings, is refused while its config dump is still intact.
+    # Before Hydra starts: a process writing there now, another run there, or one to resume with other settings.
+    FolderLock(out, output_key(cfg)).check_free()
     inspect_run_directory(out, fingerprint(cfg), cfg.run.resume, output_key(cfg))
 
 
