@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -30,9 +31,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spectra.analysis import head_stats, plots, report
 from spectra.analysis.exports import duckdb_views, export_csv
-from spectra.analysis.runs import RunAnalysis, find_runs, run_record, scan_metrics
+from spectra.analysis.runs import RunAnalysis, find_runs, name_damaged_part, run_record, scan_metrics
 from spectra.config.schema import LoggerConfig, register_configs
-from spectra.errors import ConfigError, SpectraError
+from spectra.config.secrets import check_arguments_for_secrets
+from spectra.errors import ConfigError, SpectraError, disk_fault, sigterm_as_interrupt
+from spectra.store.lock import FolderLock
 from spectra.store.writer import write_parquet_atomic
 from spectra.tracking.tracker import (
     wandb_mode,  # the capture's own rule: auto = WANDB_MODE, else online with credentials
@@ -134,6 +137,14 @@ def run_figures(
 
 
 def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
+    try:
+        return _analyze_run(run, out, label, cfg)
+    except (pl.exceptions.PolarsError, OSError):
+        name_damaged_part(run)  # one line naming the file, when a part is damaged
+        raise
+
+
+def _analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
     lf = scan_metrics(run)
     record = run_record(run)
     metrics = head_stats.metric_columns(lf)
@@ -250,18 +261,19 @@ def analyze(cfg: DictConfig) -> list[Path]:
     several = len(runs) > 1
     base = Path(cfg.output_dir) if cfg.output_dir else None
     labels = unique_labels(runs)
-    analyses = [
-        analyze_run(run, (base / label if several else base) if base else run / "analysis", label, cfg)
-        for run, label in zip(runs, labels)
-    ]
-    reports = [a.out / "report.md" for a in analyses]
-    comparison = None
-    if several:
-        out = base or (sweep or Path(os.path.commonpath(runs))) / "analysis"
-        comparison, figures = compare_runs(analyses, out)
-        report.write_sweep_report(analyses, comparison, figures, out / "report.md")
-        duckdb_views([(a.label, a.run, a.out, a.metrics) for a in analyses], out / "duckdb_views.sql")
-        reports.append(out / "report.md")
+    outs = [(base / label if several else base) if base else run / "analysis" for run, label in zip(runs, labels)]
+    joint = (base or (sweep or Path(os.path.commonpath(runs))) / "analysis") if several else None
+    with ExitStack() as locks:  # one writer per analysis folder; a second analysis of the same runs is refused
+        for out in outs + ([joint] if joint else []):
+            locks.enter_context(FolderLock(out, "output_dir"))
+        analyses = [analyze_run(run, out, label, cfg) for run, out, label in zip(runs, outs, labels)]
+        reports = [a.out / "report.md" for a in analyses]
+        comparison = None
+        if joint:
+            comparison, figures = compare_runs(analyses, joint)
+            report.write_sweep_report(analyses, comparison, figures, joint / "report.md")
+            duckdb_views([(a.label, a.run, a.out, a.metrics) for a in analyses], joint / "duckdb_views.sql")
+            reports.append(joint / "report.md")
     for a in analyses:
         print(report.console_summary(a, cfg.skip_positions))
     if several:
@@ -278,7 +290,25 @@ def main(cfg: DictConfig) -> None:
     except SpectraError as error:
         print(f"spectra.analyze: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        if (fault := disk_fault(error)) is None:
+            raise
+        print(f"spectra.analyze: error: {fault}; free space, then run the same command again", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as stop:  # each output file is written whole or not at all
+        print(f"spectra.analyze: interrupted ({stop or 'SIGINT'}); run the same command again", file=sys.stderr)
+        sys.exit(130)
+
+
+def cli() -> None:
+    try:
+        check_arguments_for_secrets(sys.argv[1:])  # before Hydra copies the overrides anywhere
+    except SpectraError as error:
+        print(f"spectra.analyze: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    with sigterm_as_interrupt():
+        main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

@@ -1,6 +1,9 @@
 """Errors meant for people: the entrypoints print them as one line and exit with status 2, no traceback."""
 
 import os
+import signal
+from contextlib import contextmanager
+from typing import Iterator
 
 
 class SpectraError(Exception):
@@ -29,3 +32,18 @@ def disk_fault(error: BaseException) -> str | None:
             where = f" (writing {error.filename})" if error.filename else ""
             return what + where
     return None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (scancel, a SLURM time limit, `kill`) unwinds as Ctrl-C does: files in flight are finished or
+    removed, and the entrypoint ends with its one 'interrupted' line."""
+
+    def stop(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

