@@ -296,6 +296,9 @@ def cli() -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("spectra: interrupted (SIGINT) while checking the command line; nothing was written", file=sys.stderr)
+        sys.exit(130)
     with sigterm_as_interrupt():  # queued parts land, W&B finishes as interrupted, the run can be resumed
         main()
 

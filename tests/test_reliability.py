@@ -350,3 +350,38 @@ def test_damaged_sources_and_shards_are_named(tmp_path):
     (shards / "documents.parquet").write_bytes(b"PAR1 not really")
     process = spectra(tmp_path, *capture)
     one_line_error(process, rf"{re.escape(str(shards / 'documents.parquet'))}: damaged or unreadable")
+
+
+# ----------------------------------------------------------------------------------------------- faults
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 120 KiB tmpfs (root only; skipped where mounting is not allowed)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_and_read_only_end_in_one_line_and_the_run_resumes(tmp_path, small_disk):
+    run_dir = small_disk / "run"
+    many = [*ARGS, "data.n_samples=40", f"hydra.run.dir={run_dir}"]  # 40 parts of ~5.6 KB: more than the disk holds
+    full = spectra(tmp_path, *many)
+    line = one_line_error(full, r"the disk is full; the finished parts are kept; finish the run with: python -m "
+                                rf"spectra\.run <same overrides> run\.resume=true hydra\.run\.dir={re.escape(str(run_dir))}")  # fmt: skip
+    kept = sorted(p.name for p in (run_dir / "metrics").iterdir())
+    assert 0 < len(kept) < 40 and all(name.endswith(".parquet") for name in kept), (line, kept)  # no temporary files
+    assert not list(run_dir.glob("*.inprogress"))
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    read_only = spectra(tmp_path, *many, "run.resume=true")
+    one_line_error(read_only, rf"hydra\.run\.dir: cannot write to {re.escape(str(run_dir))} \(Read-only file system\)")
+
+    subprocess.run(["mount", "-o", "remount,rw,size=2m", str(small_disk)], check=True)
+    resumed = spectra(tmp_path, *many, "run.resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["counts"]["rows"] == 40 * ROWS_PER_SAMPLE and record["counts"]["samples_resumed"] == len(kept)
