@@ -249,8 +249,11 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
     try:
         return AutoConfig.from_pretrained(location, **options), location
     except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0]
+        if Path(location).is_dir():  # a local file is damaged or incomplete: the hub has nothing to do with it
+            raise SpectraError(f"cannot read the model config in {location}: {first}") from None
         raise SpectraError(
-            f"cannot read the model config of '{location}': {str(error).strip().splitlines()[0]} -- without hub "
+            f"cannot read the model config of '{location}': {first} -- without hub "
             "access, download the checkpoint elsewhere and pass model.path=<local dir>"
         ) from None
 
