@@ -74,14 +74,15 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
             check_job(_composed(args.overrides))
             return
         jobs = sweep_jobs(args.overrides)
-        varying = {override.partition("=")[0] for job in jobs for override in job} if len(jobs) > 1 else set()
-        varying = {key for key in varying if len({o for job in jobs for o in job if o.startswith(key + "=")}) > 1}
-        models: dict[str, PretrainedConfig] = {}
+        values: dict[str, set[str]] = {}  # key -> the overrides of it across jobs; swept keys have several
+        for override in (o for job in jobs for o in job):
+            values.setdefault(override.partition("=")[0], set()).add(override)
+        models: dict = {}  # model configs read once per model, not once per point
         for number, job in enumerate(jobs):
             try:
                 check_job(_composed(job), number, models)
             except SpectraError as error:
-                point = " ".join(o for o in job if o.partition("=")[0] in varying)
+                point = " ".join(o for o in job if len(values[o.partition("=")[0]]) > 1)
                 raise SpectraError(f"sweep job {number} ({point}): {error}; no job was started") from None
 
 
