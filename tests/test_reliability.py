@@ -385,3 +385,25 @@ def test_disk_full_and_read_only_end_in_one_line_and_the_run_resumes(tmp_path, s
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["counts"]["rows"] == 40 * ROWS_PER_SAMPLE and record["counts"]["samples_resumed"] == len(kept)
+
+
+def test_sigterm_during_preparation_leaves_nothing_behind(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(corpus_line(n) for n in range(30000)))  # tokenizing takes several seconds
+    command = [sys.executable, "-m", "spectra.prepare", "model=tiny_llama", "data=slimpajama",
+               f"data.local_path={corpus}", f"data.data_dir={tmp_path / 'shards'}", f"hydra.run.dir={tmp_path / 'prep'}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, env=conftest.test_env(tmp_path), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = ""
+    while "tokenize:" not in seen:  # the progress bar: the temporary shard folder exists and is being filled
+        seen += process.stderr.read(1)
+        assert seen or process.poll() is None, process.stdout.read()
+    process.send_signal(signal.SIGTERM)
+    stderr = seen + process.stderr.read()
+    process.wait(timeout=120)
+    completed = subprocess.CompletedProcess(command, process.returncode, process.stdout.read(), stderr)
+    one_line_error(completed, r"", code=130, prefix="spectra: interrupted (SIGTERM); nothing was kept; run the same "
+                                                    "command again")  # fmt: skip
+    # No shard folder, no temporary one; Hydra's run folder for the command stays empty (Hydra makes it).
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("wandb")) == ["corpus.jsonl", "prep"]
+    assert not list((tmp_path / "prep").iterdir())

@@ -198,18 +198,19 @@ def _build(data_cfg: DictConfig, settings: dict, tokenizer, directory: Path, sha
     store_limit = settings["max_windows_per_doc"] * settings["max_prepared_length"]
     writer = _ShardWriter(directory, shard_tokens)
     rows: dict[str, list] = {k: [] for k in ("document_id", "source", "chars", "tokens", "stored", "shard", "offset")}
-    documents = tqdm(read_documents(data_cfg), desc="tokenize", unit="doc", dynamic_ncols=True, file=sys.stderr)
-    kept = _tokenized(tokenizer, documents, settings["min_chars"], set(settings["sources"]), counts)
-    for document, text, tokens in kept:
-        stored = tokens[:store_limit]
-        shard, offset = writer.add(stored)
-        record = {"document_id": document.document_id, "source": document.source, "chars": len(text),
-                  "tokens": len(tokens), "stored": len(stored), "shard": shard, "offset": offset}  # fmt: skip
-        for key, value in record.items():
-            rows[key].append(value)
-        counts[document.source]["kept"] += 1
-        counts[document.source]["tokens"] += len(tokens)
-        counts[document.source]["stored"] += len(stored)
+    # A with-block: an error or Ctrl-C ends the progress bar's line, so the one error line starts on its own.
+    with tqdm(read_documents(data_cfg), desc="tokenize", unit="doc", dynamic_ncols=True, file=sys.stderr) as documents:
+        kept = _tokenized(tokenizer, documents, settings["min_chars"], set(settings["sources"]), counts)
+        for document, text, tokens in kept:
+            stored = tokens[:store_limit]
+            shard, offset = writer.add(stored)
+            record = {"document_id": document.document_id, "source": document.source, "chars": len(text),
+                      "tokens": len(tokens), "stored": len(stored), "shard": shard, "offset": offset}  # fmt: skip
+            for key, value in record.items():
+                rows[key].append(value)
+            counts[document.source]["kept"] += 1
+            counts[document.source]["tokens"] += len(tokens)
+            counts[document.source]["stored"] += len(stored)
     writer.flush()
     if not rows["document_id"]:
         raise SpectraError(
