@@ -65,7 +65,8 @@ def main(cfg: DictConfig) -> None:
         print(f"spectra: error: {fault}; nothing was kept; free space, then run the same command", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as stop:
-        print(f"spectra: interrupted ({stop or 'SIGINT'}); nothing was kept; run the same command again", file=sys.stderr)
+        print(f"spectra: interrupted ({stop or 'SIGINT'}); nothing was kept; run the same command again",
+              file=sys.stderr)  # fmt: skip
         sys.exit(130)
     print_summary(manifest, cfg.data.data_dir, built)
 

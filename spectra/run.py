@@ -162,7 +162,8 @@ def capture(
     # parts of ranks an earlier attempt had and this one has not).
     capture_seconds = max(gathered(world, capture_seconds))
     parts = listed_parts(out).values()
-    written = {"rows": sum(p.rows for p in parts), "part_files": len(parts), "metric_bytes": sum(p.bytes for p in parts)}
+    written = {"rows": sum(p.rows for p in parts), "part_files": len(parts)}
+    written["metric_bytes"] = sum(p.bytes for p in parts)
 
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -285,7 +286,10 @@ def resume_hint(out: Path | None) -> str:
         return "nothing was written"
     if HydraConfig.get().mode == RunMode.MULTIRUN:  # every job, finished ones skipped, in its own folder again
         sweep = HydraConfig.get().sweep.dir
-        return f"finish the sweep with: python -m spectra.run -m <same overrides> run.resume=true hydra.sweep.dir={sweep}"
+        return (
+            "finish the sweep with: python -m spectra.run -m <same overrides> run.resume=true "
+            f"hydra.sweep.dir={sweep}"
+        )
     return f"finish the run with: python -m spectra.run <same overrides> run.resume=true hydra.run.dir={out}"
 
 

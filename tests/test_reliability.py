@@ -7,7 +7,6 @@ one writer per run directory, checksummed parts, damaged inputs named in one lin
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -65,7 +64,9 @@ def test_one_writer_per_run_directory(tmp_path):
     """Run A holds the directory (stopped mid-capture); B with another seed, a resume, a dry run are all refused
     or harmless and change nothing; once A is dead its lock is gone and a resume finishes A's run."""
     run_dir = tmp_path / "run"
-    holder_env = {**conftest.test_env(tmp_path), "SPECTRA_CRASH_AT": "attention-layer:7", "SPECTRA_CRASH_SIGNAL": "SIGSTOP"}
+    # Stopped (SIGSTOP) in its third batch: alive, holding the lock, two parts written or on their way.
+    holder_env = {**conftest.test_env(tmp_path), "SPECTRA_CRASH_AT": "attention-layer:7",
+                  "SPECTRA_CRASH_SIGNAL": "SIGSTOP"}  # fmt: skip
     holder = subprocess.Popen(
         [sys.executable, "-m", "spectra.run", *ARGS, f"hydra.run.dir={run_dir}"], cwd=REPO, env=holder_env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -299,7 +300,8 @@ def test_analysis_names_a_damaged_part_and_analyses_a_run_named_twice_once(tmp_p
     twice = spectra(tmp_path, f"run_dir=[{run_dir},{run_dir}]", module="spectra.analyze")
     assert twice.returncode == 0, twice.stderr[-3000:]
     assert "comparison" not in twice.stdout and (run_dir / "analysis" / "heads.parquet").is_file()
-    assert "# " in (run_dir / "analysis" / "report.md").read_text() and not (run_dir / "analysis" / "comparison.parquet").exists()
+    assert (run_dir / "analysis" / "report.md").is_file()
+    assert not (run_dir / "analysis" / "comparison.parquet").exists()
 
     damaged = run_dir / "metrics" / "part-000001.parquet"
     data = bytearray(damaged.read_bytes())
@@ -370,8 +372,8 @@ def test_disk_full_and_read_only_end_in_one_line_and_the_run_resumes(tmp_path, s
     run_dir = small_disk / "run"
     many = [*ARGS, "data.n_samples=40", f"hydra.run.dir={run_dir}"]  # 40 parts of ~5.6 KB: more than the disk holds
     full = spectra(tmp_path, *many)
-    line = one_line_error(full, r"the disk is full; the finished parts are kept; finish the run with: python -m "
-                                rf"spectra\.run <same overrides> run\.resume=true hydra\.run\.dir={re.escape(str(run_dir))}")  # fmt: skip
+    resume = rf"python -m spectra\.run <same overrides> run\.resume=true hydra\.run\.dir={re.escape(str(run_dir))}"
+    line = one_line_error(full, rf"the disk is full; the finished parts are kept; finish the run with: {resume}")
     kept = sorted(p.name for p in (run_dir / "metrics").iterdir())
     assert 0 < len(kept) < 40 and all(name.endswith(".parquet") for name in kept), (line, kept)  # no temporary files
     assert not list(run_dir.glob("*.inprogress"))
@@ -390,8 +392,8 @@ def test_disk_full_and_read_only_end_in_one_line_and_the_run_resumes(tmp_path, s
 def test_sigterm_during_preparation_leaves_nothing_behind(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(corpus_line(n) for n in range(30000)))  # tokenizing takes several seconds
-    command = [sys.executable, "-m", "spectra.prepare", "model=tiny_llama", "data=slimpajama",
-               f"data.local_path={corpus}", f"data.data_dir={tmp_path / 'shards'}", f"hydra.run.dir={tmp_path / 'prep'}"]  # fmt: skip
+    command = [sys.executable, "-m", "spectra.prepare", "model=tiny_llama", "data=slimpajama", f"data.local_path={corpus}",
+               f"data.data_dir={tmp_path / 'shards'}", f"hydra.run.dir={tmp_path / 'prep'}"]  # fmt: skip
     process = subprocess.Popen(command, cwd=REPO, env=conftest.test_env(tmp_path), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     seen = ""

@@ -150,7 +150,9 @@ def checked_config(cfg: DictConfig) -> DictConfig:
     )
     threads = cfg.hardware.num_threads
     _require(
-        threads is None or threads > 0, "hardware.num_threads", f"must be > 0, or null for torch's default; got {threads}"
+        threads is None or threads > 0,
+        "hardware.num_threads",
+        f"must be > 0, or null for torch's default; got {threads}",
     )
     threshold = cfg.metrics.k_eff_threshold
     _require(0 < threshold <= 1, "metrics.k_eff_threshold", f"must be in (0, 1], got {threshold}")

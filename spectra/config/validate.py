@@ -19,7 +19,6 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
@@ -215,7 +214,8 @@ def check_safetensors_size(path: Path) -> None:
             if header_bytes > size - 8:
                 raise ValueError(f"its header claims {header_bytes:,} bytes")
             header = json.loads(handle.read(header_bytes))
-        end = 8 + header_bytes + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        ends = [tensor["data_offsets"][1] for name, tensor in header.items() if name != "__metadata__"]
+        end = 8 + header_bytes + max(ends, default=0)
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise SpectraError(f"{path}: not a readable safetensors file ({error}); the file is damaged") from None
     if size < end:

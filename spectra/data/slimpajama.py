@@ -82,7 +82,10 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, columns=["text", "meta"]):
             yield from zip(batch.column("text").to_pylist(), batch.column("meta").to_pylist())
         return
-    handle = io.TextIOWrapper(_zstd_stream(path), encoding="utf-8") if kind == ".jsonl.zst" else open(path, encoding="utf-8")
+    if kind == ".jsonl.zst":
+        handle = io.TextIOWrapper(_zstd_stream(path), encoding="utf-8")
+    else:
+        handle = open(path, encoding="utf-8")
     with handle:
         for line in handle:
             if line.strip():

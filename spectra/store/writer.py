@@ -134,7 +134,8 @@ class PartWriter:
                 if self.manifest is not None:
                     ids = [int(i) for i in sample_ids]
                     checksum = file_sha256(path)
-                    self.manifest.record(PartRecord(path.name, ids, table.num_rows, size, checksum, self.manifest.settings))
+                    settings = self.manifest.settings
+                    self.manifest.record(PartRecord(path.name, ids, table.num_rows, size, checksum, settings))
                     crash_point("part-recorded")
                 self.bytes += size
                 self.rows += table.num_rows
