@@ -255,9 +255,12 @@ def test_secrets_are_refused_before_hydra_writes_by_every_entrypoint(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- damaged inputs
 def test_bad_values_end_in_one_line(tmp_path):
-    threads = spectra(tmp_path, *ARGS, "hardware.num_threads=-1", f"hydra.run.dir={tmp_path / 'a'}")
+    def inprocess(*argv: str) -> subprocess.CompletedProcess:  # the same cli() as the module's __main__
+        return subprocess.CompletedProcess(argv, *conftest.run_spectra_inprocess(*argv))
+
+    threads = inprocess(*ARGS, "hardware.num_threads=-1", f"hydra.run.dir={tmp_path / 'a'}")
     one_line_error(threads, r"hardware\.num_threads: must be > 0, or null for torch's default; got -1")
-    names = spectra(tmp_path, *ARGS, "metrics.names=[entropy,entropy]", f"hydra.run.dir={tmp_path / 'b'}")
+    names = inprocess(*ARGS, "metrics.names=[entropy,entropy]", f"hydra.run.dir={tmp_path / 'b'}")
     one_line_error(names, r"metrics\.names: names \['entropy'\] more than once")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
