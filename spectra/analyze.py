@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -32,12 +33,14 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from spectra.analysis import head_stats, plots, report
 from spectra.analysis.controlled import position_controlled, with_q_values
 from spectra.analysis.exports import VIEWS_FILE, ViewSource, duckdb_views, export_csv
-from spectra.analysis.runs import RunAnalysis, find_runs, run_record, scan_metrics
+from spectra.analysis.runs import RunAnalysis, find_runs, name_damaged_part, run_record, scan_metrics
 from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
 from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import LoggerConfig, register_configs
+from spectra.config.secrets import check_arguments_for_secrets
 from spectra.config.validate import flags_first
-from spectra.errors import ConfigError, SpectraError
+from spectra.errors import ConfigError, SpectraError, disk_fault, sigterm_as_interrupt
+from spectra.store.lock import FolderLock
 from spectra.store.writer import write_parquet_atomic
 from spectra.tracking.tracker import (
     wandb_mode,  # the capture's own rule: auto = WANDB_MODE, else online with credentials
@@ -177,6 +180,14 @@ def remove_stale(out: Path, written: set[Path]) -> None:
 
 
 def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
+    try:
+        return _analyze_run(run, out, label, cfg)
+    except (pl.exceptions.PolarsError, OSError):
+        name_damaged_part(run)  # one line naming the file, when a part is damaged
+        raise
+
+
+def _analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
     lf = scan_metrics(run)
     record = run_record(run)
     windows = record.get("model", {}).get("attention_windows")  # None: a run from before they were recorded
@@ -314,19 +325,20 @@ def analyze(cfg: DictConfig) -> list[Path]:
     several = len(runs) > 1
     base = Path(cfg.output_dir) if cfg.output_dir else None
     labels = unique_labels(runs)
-    analyses = [
-        analyze_run(run, (base / label if several else base) if base else run / "analysis", label, cfg)
-        for run, label in zip(runs, labels)
-    ]
-    reports = [a.out / "report.md" for a in analyses]
-    comparison = None
-    if several:
-        out = base or (sweep or Path(os.path.commonpath(runs))) / "analysis"
-        comparison, figures = compare_runs(analyses, out)
-        remove_stale(out, set(figures))
-        report.write_sweep_report(analyses, comparison, figures, out / "report.md")
-        duckdb_views([view_source(a) for a in analyses], out / VIEWS_FILE)
-        reports.append(out / "report.md")
+    outs = [(base / label if several else base) if base else run / "analysis" for run, label in zip(runs, labels)]
+    joint = (base or (sweep or Path(os.path.commonpath(runs))) / "analysis") if several else None
+    with ExitStack() as locks:  # one writer per analysis folder; a second analysis of the same runs is refused
+        for out in outs + ([joint] if joint else []):
+            locks.enter_context(FolderLock(out, "output_dir"))
+        analyses = [analyze_run(run, out, label, cfg) for run, out, label in zip(runs, outs, labels)]
+        reports = [a.out / "report.md" for a in analyses]
+        comparison = None
+        if joint:
+            comparison, figures = compare_runs(analyses, joint)
+            remove_stale(joint, set(figures))
+            report.write_sweep_report(analyses, comparison, figures, joint / "report.md")
+            duckdb_views([view_source(a) for a in analyses], joint / VIEWS_FILE)
+            reports.append(joint / "report.md")
     for a in analyses:
         print(report.console_summary(a, cfg.skip_positions))
     if several:
@@ -342,16 +354,26 @@ def main(cfg: DictConfig) -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:
+        if (fault := disk_fault(error)) is None:
+            raise
+        print(f"spectra: error: {fault}; free space, then run the same command again", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as stop:  # each output file is written whole or not at all
+        print(f"spectra: interrupted ({stop or 'SIGINT'}); run the same command again", file=sys.stderr)
+        sys.exit(130)
 
 
 def cli() -> None:
-    """`python -m spectra.analyze`: flags anywhere; a command-line mistake is one line, not argparse's usage."""
+    """`python -m spectra.analyze`: flags anywhere; a command-line mistake or a credential is one line."""
     try:
         sys.argv[1:] = flags_first(sys.argv[1:])
+        check_arguments_for_secrets(sys.argv[1:])  # before Hydra copies the overrides anywhere
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
-    hydra_entrypoint(main, "analyze", "spectra")
+    with sigterm_as_interrupt():
+        hydra_entrypoint(main, "analyze", "spectra")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """Errors meant for people: the entrypoints print them as one line and exit with status 2, no traceback."""
 
+import os
+import signal
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class SpectraError(Exception):
     """A problem with the user's config, inputs or environment (not a bug in Spectra)."""
@@ -9,3 +14,36 @@ class ConfigError(SpectraError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"{key}: {message}")
+
+
+# Faults of the machine, not of Spectra or the config: each ends a run with one line saying what to do.
+DISK_FAULTS = {28: "the disk is full", 30: "the filesystem is read-only", 122: "the disk quota is exceeded"}
+
+
+def disk_fault(error: BaseException) -> str | None:
+    """'the disk is full (writing <file>)' for ENOSPC, EROFS, EDQUOT, else None (a bug: let it raise).
+
+    pyarrow reports these as OSError without errno, so its message text is read as well."""
+    if not isinstance(error, OSError):
+        return None
+    text = str(error)
+    for number, what in DISK_FAULTS.items():
+        if error.errno == number or os.strerror(number) in text:
+            where = f" (writing {error.filename})" if error.filename else ""
+            return what + where
+    return None
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (scancel, a SLURM time limit, `kill`) unwinds as Ctrl-C does: files in flight are finished or
+    removed, and the entrypoint ends with its one 'interrupted' line."""
+
+    def stop(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
 from spectra.data.shards import prepare
-from spectra.errors import ConfigError, SpectraError
+from spectra.config.secrets import check_arguments_for_secrets
+from spectra.errors import ConfigError, SpectraError, disk_fault, sigterm_as_interrupt
 from spectra.models.loading import load_tokenizer, model_location
 
 register_configs()
@@ -56,8 +57,27 @@ def main(cfg: DictConfig) -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except OSError as error:  # the half-built folder is already removed (shards.prepare)
+        if (fault := disk_fault(error)) is None:
+            raise
+        print(f"spectra: error: {fault}; nothing was kept; free space, then run the same command", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as stop:
+        print(f"spectra: interrupted ({stop or 'SIGINT'}); nothing was kept; run the same command again",
+              file=sys.stderr)  # fmt: skip
+        sys.exit(130)
     print_summary(manifest, cfg.data.data_dir, built)
 
 
+def cli() -> None:
+    try:
+        check_arguments_for_secrets(sys.argv[1:])  # before Hydra copies the overrides anywhere
+    except SpectraError as error:
+        print(f"spectra: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    with sigterm_as_interrupt():
+        hydra_entrypoint(main, "config", "spectra")
+
+
 if __name__ == "__main__":
-    hydra_entrypoint(main, "config", "spectra")
+    cli()

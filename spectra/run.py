@@ -17,16 +17,18 @@ Reads top to bottom: check config -> load model -> load samples -> capture batch
 from __future__ import annotations
 
 import json
+import logging
 import platform
-import signal
 import sys
 import time
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -40,9 +42,10 @@ from spectra.config.validate import (
     check_command_line,
     dry_run_report,
     flags_first,
+    output_key,
     preflight,
 )
-from spectra.errors import SpectraError
+from spectra.errors import SpectraError, disk_fault, sigterm_as_interrupt
 from spectra.launch.distributed import (
     World,
     gathered,
@@ -50,7 +53,6 @@ from spectra.launch.distributed import (
     rank_device,
     same_directory,
     share,
-    summed,
 )
 from spectra.models.loading import describe, load_weights
 from spectra.models.windows import attention_windows
@@ -59,11 +61,14 @@ from spectra.store.manifest import (
     batch_done,
     delete_leftovers,
     fingerprint,
+    listed_parts,
     manifest_path,
 )
+from spectra.store.lock import FolderLock
 from spectra.store.writer import (
     PartWriter,
     metric_schema,
+    write_config_record,
     write_json_atomic,
     write_samples,
 )
@@ -119,6 +124,8 @@ def capture(
     started = time.perf_counter()
     started_at = datetime.now(timezone.utc).isoformat()
     plan = plan or preflight(cfg, out)  # every check that needs no weights; changes nothing on disk
+    if len(plan.resume.completed) == len(plan.samples) and plan.resume.previous_record:
+        return finished_already(plan, cfg, out, world)  # a sweep's resume passes its finished jobs this way
 
     model = load_weights(cfg.model, cfg.hardware, plan.model_config)  # preflight read the config and tokenized
     # attention_windows: the keys each layer's queries see, which the analysis divides its ratios by.
@@ -127,11 +134,12 @@ def capture(
     out.mkdir(parents=True, exist_ok=True)
     earlier_timing = finished_run_timing(out, plan, len(samples)) if world.is_main else None
     if world.is_main:
-        delete_leftovers(plan.resume)
+        delete_leftovers(plan.resume, out, fingerprint(cfg))
     gathered(world, None)  # rank 0 has deleted the leftovers before any rank writes a part of the same name
     manifest_file = manifest_path(out, world.rank if world.size > 1 else None)
     manifest = Manifest(manifest_file, fingerprint(cfg), plan.resume.kept_parts(manifest_file))
-    resumed_samples, resumed_rows = len(plan.resume.completed), sum(part.rows for part in manifest.parts)
+    resumed_samples = len(plan.resume.completed)  # all ranks' kept parts
+    resumed_rows = sum(part.rows for kept in plan.resume.kept.values() for part in kept)
     if world.is_main:
         write_samples(out / "samples.parquet", samples)
     own = share(samples, world)  # this rank's samples; all of them without torchrun
@@ -171,11 +179,12 @@ def capture(
                 seconds=time.perf_counter() - capture_started,
             )
     capture_seconds = time.perf_counter() - capture_started
-    # Every rank's parts are on disk once all ranks get here; run.json counts them all.
-    written = summed(
-        world, rows=writer.rows, part_files=len(writer.files), metric_bytes=writer.bytes, resumed_rows=resumed_rows
-    )
+    # Every rank's parts are on disk once all ranks get here; run.json counts what all manifests list (also the
+    # parts of ranks an earlier attempt had and this one has not).
     capture_seconds = max(gathered(world, capture_seconds))
+    parts = listed_parts(out).values()
+    written = {"rows": sum(p.rows for p in parts), "part_files": len(parts)}
+    written["metric_bytes"] = sum(p.bytes for p in parts)
 
     record = {
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -198,7 +207,7 @@ def capture(
             "capture_seconds": capture_seconds,
             # This attempt's work only: a resumed run skipped the samples kept from earlier attempts.
             "tokens_per_second": (len(samples) - resumed_samples) * cfg.data.context_length / capture_seconds,
-            "rows_per_second": (written["rows"] - written["resumed_rows"]) / capture_seconds,
+            "rows_per_second": (written["rows"] - resumed_rows) / capture_seconds,
         },
         "output_dir": str(out.resolve()),
         "world_size": world.size,
@@ -206,6 +215,21 @@ def capture(
     if world.is_main:
         write_json_atomic(record, out / "run.json")
     return record
+
+
+def finished_already(plan: Plan, cfg: DictConfig, out: Path, world: World) -> dict:
+    """A resumed run with every part intact: no weights loaded, the record (and its timings) kept."""
+    if world.is_main:
+        delete_leftovers(plan.resume, out, fingerprint(cfg))  # only temporary files can be left; run.json is back below
+        write_json_atomic(plan.resume.previous_record, out / "run.json")
+    return plan.resume.previous_record
+
+
+def reading_code(run_dir: str) -> str:
+    if not set("*?[]") & set(run_dir):
+        return f"polars.scan_parquet('{run_dir}/metrics/*.parquet')"
+    # A sweep job's folder named after a list-valued override: a glob pattern would read [ ] as a character class.
+    return f"polars.scan_parquet(sorted(Path('{run_dir}/metrics').glob('part-*.parquet')), glob=False)"
 
 
 def print_summary(record: dict) -> None:
@@ -219,36 +243,58 @@ def print_summary(record: dict) -> None:
         f"{counts['metric_bytes'] / 2**20:.1f} MiB ({counts['metric_bytes'] / max(counts['rows'], 1):.2f} B/row)\n"
         f"  throughput {timing['tokens_per_second']:,.0f} tokens/s, {timing['rows_per_second']:,.0f} rows/s "
         f"(capture {timing['capture_seconds']:.1f} s, wall {timing['wall_seconds']:.1f} s)\n"
-        f"  read with  polars.scan_parquet('{record['output_dir']}/metrics/*.parquet')"
+        f"  read with  {reading_code(record['output_dir'])}"
     )
     if record["nonfinite"]["total"]:
         print(f"  WARNING    {record['nonfinite']['total']:,} non-finite metric values kept; see nonfinite in run.json")
 
 
-def main(cfg: DictConfig) -> None:
+def writer_lock(out: Path, cfg: DictConfig, world: World):
+    """The run directory's lock, held by rank 0 for the run's life (the other ranks write only under its cover)."""
+    if not world.is_main or cfg.run.dry_run:  # a dry run writes nothing, not even the lock file
+        return nullcontext()
+    return FolderLock(out, output_key(cfg))
+
+
+def record_config(out: Path, composed: DictConfig) -> None:
+    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml) and run.log."""
+    write_config_record(out, composed, HydraConfig.get())
+    handler = logging.FileHandler(out / "run.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+
+
+def main(composed: DictConfig) -> None:
     """The run, once Hydra has composed its config (cli below)."""
+    out = None
     try:
         with joined() as world:
-            cfg = checked_config(cfg)
+            cfg = checked_config(composed)
             cfg.hardware.device = rank_device(cfg.hardware.device, world)
             out = same_directory(world, run_directory(cfg))
-            plan = preflight(cfg, out)  # every check that needs no weights, before W&B starts; writes nothing
-            gathered(world, None)  # every rank has looked at the run directory before any rank changes it
-            if cfg.run.dry_run:
+            with writer_lock(out, cfg, world):  # one writer per run directory; a second process is refused
+                plan = preflight(cfg, out)  # every check that needs no weights, before W&B starts; writes nothing
+                gathered(world, None)  # every rank has looked at the run directory before any rank changes it
+                if cfg.run.dry_run:
+                    if world.is_main:
+                        print(dry_run_report(cfg, plan))
+                    return
                 if world.is_main:
-                    print(dry_run_report(cfg, plan))
-                return
-            with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
-                record = capture(cfg, out, world, tracker, plan)
-                tracker.log_results(record)
+                    record_config(out, composed)
+                with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
+                    record = capture(cfg, out, world, tracker, plan)
+                    tracker.log_results(record)
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM via _stop_on_sigterm; parts in flight have landed
-        where = run_directory(cfg)
+    except OSError as error:
+        if (fault := disk_fault(error)) is None:
+            raise
+        print(f"spectra: error: {fault}; the finished parts are kept; {resume_hint(out)}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt); parts in flight have landed
         print(
-            f"spectra: interrupted ({stop or 'SIGINT'}); the finished parts are kept in {where}; "
-            f"finish the run with run.resume=true hydra.run.dir={where}",
+            f"spectra: interrupted ({stop or 'SIGINT'}); the finished parts are kept; {resume_hint(out)}",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -256,10 +302,16 @@ def main(cfg: DictConfig) -> None:
         print_summary(record)
 
 
-def _stop_on_sigterm(signum: int, _frame) -> None:
-    # scancel, a SLURM time limit, `kill`: unwind as Ctrl-C does, so queued parts are written and listed, the
-    # W&B run is finished as interrupted, and the run can be resumed.
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+def resume_hint(out: Path | None) -> str:
+    if out is None:
+        return "nothing was written"
+    if HydraConfig.get().mode == RunMode.MULTIRUN:  # every job, finished ones skipped, in its own folder again
+        sweep = HydraConfig.get().sweep.dir
+        return (
+            "finish the sweep with: python -m spectra.run -m <same overrides> run.resume=true "
+            f"hydra.sweep.dir={sweep}"
+        )
+    return f"finish the run with: python -m spectra.run <same overrides> run.resume=true hydra.run.dir={out}"
 
 
 def cli() -> None:
@@ -270,11 +322,11 @@ def cli() -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    try:
+    except KeyboardInterrupt:
+        print("spectra: interrupted (SIGINT) while checking the command line; nothing was written", file=sys.stderr)
+        sys.exit(130)
+    with sigterm_as_interrupt():  # queued parts land, W&B finishes as interrupted, the run can be resumed
         hydra_entrypoint(main, "config", "spectra")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import polars as pl
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.store.manifest import listed_parts, part_damage
 
 
 def is_run(folder: Path) -> bool:
@@ -40,7 +41,10 @@ def find_runs(run_dir: Any) -> tuple[list[Path], Optional[Path]]:
             raise ConfigError("run_dir", f"{name} holds no metrics/ folder and no runs; is it a Spectra run folder?")
         runs += jobs
         sweep = sweep or name
-    return runs, sweep
+    # The same run named twice ([A,A], or a run and its sweep) is analysed once: a "comparison" of a run with
+    # itself would overwrite the run's own report.
+    unique = list({run.resolve(): run for run in reversed(runs)}.values())[::-1]
+    return unique, sweep
 
 
 def run_record(run: Path) -> dict:
@@ -54,7 +58,24 @@ def scan_metrics(run: Path) -> pl.LazyFrame:
     parts = sorted((run / "metrics").glob("part-*.parquet"))
     if not parts:
         raise SpectraError(f"{run / 'metrics'}: no part-*.parquet files; did the capture run write any batch?")
-    return pl.scan_parquet(run / "metrics" / "part-*.parquet")
+    # The files themselves, glob=False: a sweep job's folder name may hold [ ] (list-valued overrides), which a
+    # glob pattern would read as a character class and match nothing.
+    return pl.scan_parquet(parts, glob=False)
+
+
+def name_damaged_part(run: Path) -> None:
+    """After a read failed: raises SpectraError naming the first part that is not what the run's manifests list.
+    Hashes every part, so it runs only once something is known to be wrong."""
+    listed = listed_parts(run)
+    if not listed:
+        return  # no manifest (an older Spectra): nothing to compare with
+    for path in sorted((run / "metrics").glob("part-*.parquet")):
+        damage = part_damage(path, listed[path.name]) if path.name in listed else "not listed in any manifest"
+        if damage:
+            raise SpectraError(
+                f"{path}: {damage}; python -m spectra.run <the run's overrides> run.resume=true hydra.run.dir={run} "
+                "captures it again"
+            )
 
 
 @dataclass

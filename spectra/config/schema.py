@@ -156,6 +156,12 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         "hardware.attention_block_mb",
         f"must be > 0, got {cfg.hardware.attention_block_mb}",
     )
+    threads = cfg.hardware.num_threads
+    _require(
+        threads is None or threads > 0,
+        "hardware.num_threads",
+        f"must be > 0, or null for torch's default; got {threads}",
+    )
     threshold = cfg.metrics.k_eff_threshold
     _require(0 < threshold <= 1, "metrics.k_eff_threshold", f"must be in (0, 1], got {threshold}")
     _require(
@@ -166,6 +172,8 @@ def checked_config(cfg: DictConfig) -> DictConfig:
     unknown = [name for name in cfg.metrics.names if name not in METRIC_NAMES]
     _require(not unknown, "metrics.names", f"unknown metric(s) {unknown}; known: {', '.join(METRIC_NAMES)}")
     _require(len(cfg.metrics.names) > 0, "metrics.names", "must name at least one metric")
+    repeated = sorted({name for name in cfg.metrics.names if list(cfg.metrics.names).count(name) > 1})
+    _require(not repeated, "metrics.names", f"names {repeated} more than once; each metric is one Parquet column")
     _require(
         cfg.metrics.storage_dtype in ("float32", "float16"),
         "metrics.storage_dtype",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -38,6 +37,7 @@ from spectra.capture.metrics import _block_rows
 from spectra.config.schema import checked_config
 from spectra.data.load import load_samples
 from spectra.data.sample import Sample
+from spectra.config.secrets import check_no_secrets
 from spectra.errors import ConfigError, SpectraError
 from spectra.models.loading import (
     config_shape,
@@ -45,15 +45,12 @@ from spectra.models.loading import (
     model_location,
     resolve_device,
 )
+from spectra.store.lock import FolderLock
 from spectra.store.manifest import ResumeState, fingerprint, inspect_run_directory
 
-# A key whose last part names a credential. Credentials come from the environment (WANDB_API_KEY, HF_TOKEN) only:
-# Hydra copies every override into <run>/.hydra/overrides.yaml before Spectra runs.
-SECRET_KEY = re.compile(r"(^|_)(token|api_?key|secret|password)$", re.IGNORECASE)  # last part of the key
-SECRET_ENVIRONMENT = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Hydra flags that do not run a capture (or that this check does not model); Hydra handles them alone.
-UNCHECKED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "config_path",
-                   "config_dir", "config_name", "experimental_rerun")  # fmt: skip
+UNCHECKED_FLAGS = ("help", "hydra_help", "info", "shell_completion", "cfg", "config_path", "config_dir",
+                   "config_name", "experimental_rerun")  # fmt: skip
 # Parquet bytes per row after zstd, from the measurements in /work/shared/NOTES.md (10.4 B/row with the four
 # metrics in float32, 5.3 B/row in float16); real attention compresses somewhat differently.
 KEY_BYTES_PER_ROW = 0.3
@@ -112,49 +109,56 @@ def flags_first(argv: list[str]) -> list[str]:
     return argv
 
 
-def first_job(overrides: list[str]) -> list[str]:
-    """A sweep's overrides with each swept key at its first value (`a=1,2` -> `a=1`): one job to check. A sweep
-    whose values only Hydra's config loader can list (glob) is left out; its job checks it."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except OverrideParseException as error:
-        raise ConfigError(error.override, error.message.splitlines()[0]) from None
-    job = []
-    for override in parsed:
-        if not override.is_sweep_override():
-            job.append(override.input_line)
-            continue
-        try:
-            first = next(iter(override.sweep_string_iterator()))
-        except Exception:  # noqa: BLE001 -- glob() and friends need the config loader
-            continue
-        prefix = override.input_line[: len(override.input_line) - len(override.input_line.lstrip("+~"))]
-        job.append(f"{prefix}{override.get_key_element()}={first}")
-    return job
-
-
 def check_command_line(argv: list[str], conf_dir: str) -> None:
-    """Compose the config as `hydra.main` will and check it (a sweep: its first job); raises SpectraError with
-    one line."""
+    """Compose the config as `hydra.main` will and check it; raises SpectraError with one line.
+
+    With -m, every point of the sweep is composed and checked (config, model, run folder) before the first job
+    starts, so that a bad point in the middle does not stop a sweep half done."""
     args = hydra_parser().parse_args(argv)
+    check_no_secrets(args.overrides)  # before anything else: even a help screen must not echo a credential
     if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):
         return
-    # Too short to be a real credential: a token "1" must not make data.n_samples=1 look like one.
-    secrets = {os.environ[name] for name in SECRET_ENVIRONMENT if len(os.environ.get(name, "")) >= 8}
-    for override in args.overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if SECRET_KEY.search(key.rpartition(".")[2]) or (value and value in secrets):
-            raise ConfigError(
-                key,
-                "credentials are never taken from the command line (Hydra would copy them into .hydra/); "
-                f"set {' or '.join(SECRET_ENVIRONMENT[:2])} in the environment instead",
-            )
-    overrides = first_job(args.overrides) if args.multirun else args.overrides
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        if not args.multirun:
+            check_job(_composed(args.overrides))
+            return
+        jobs = sweep_jobs(args.overrides)
+        values: dict[str, set[str]] = {}  # key -> the overrides of it across jobs; swept keys have several
+        for override in (o for job in jobs for o in job):
+            values.setdefault(override.partition("=")[0], set()).add(override)
+        models: dict = {}  # model configs read once per model, not once per point
+        for number, job in enumerate(jobs):
+            try:
+                check_job(_composed(job), number, models)
+            except SpectraError as error:
+                point = " ".join(o for o in job if len(values[o.partition("=")[0]]) > 1)
+                raise SpectraError(f"sweep job {number} ({point}): {error}; no job was started") from None
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The overrides of every job a -m command runs, as Hydra's basic sweeper expands them (its `params` from
+    the chosen hydra/sweeper config first, the command line after and winning)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.types import RunMode
+
     try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            composed = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        master = GlobalHydra.instance().hydra.compose_config("config", overrides, run_mode=RunMode.MULTIRUN)
+        sweeper = master.hydra.sweeper
+        if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return [list(overrides)]  # another sweeper chooses its own points: check the command line only
+        params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+        parsed = OverridesParser.create().parse_overrides(params + list(overrides))
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException):
+        return [list(overrides)]  # composing the first job reports it with the usual message
+
+
+def _composed(overrides: list[str]) -> DictConfig:
+    """One job's config with its hydra node; Hydra's errors become one line naming the key."""
+    try:
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except MissingConfigException as error:
         group, _, name = (error.missing_cfg_file or "config/?").rpartition("/")
         options = [o for o in error.options or [] if not o.startswith("base_")]
@@ -170,17 +174,24 @@ def check_command_line(argv: list[str], conf_dir: str) -> None:
             raise ConfigError(key, str(cause).splitlines()[0]) from None
         raise SpectraError("; ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
 
+
+def check_job(composed: DictConfig, number: int | None = None, models: dict | None = None) -> None:
+    """One run's config, its run folder, and (for a sweep's jobs) its model's config and context length."""
     job = OmegaConf.to_container(composed)
     job.pop("hydra")
     cfg = checked_config(OmegaConf.create(job))
     if cfg.model.source == "hub":
         model_location(cfg.model)  # an empty name, or a model.path that is no folder (cheap; gguf may assemble)
-    if args.multirun:
-        return  # each job runs in its own folder under hydra.sweep.dir, which its own preflight checks
-    out = Path(cfg.run.output_dir or composed.hydra.run.dir)
+    if number is None:
+        out = Path(cfg.run.output_dir or composed.hydra.run.dir)
+    else:
+        with open_dict(composed):
+            composed.hydra.job.num = number
+        out = Path(cfg.run.output_dir or Path(composed.hydra.sweep.dir) / composed.hydra.sweep.subdir)
+        check_model(cfg, models)
     check_writable(out, output_key(cfg))
-    # Before Hydra overwrites <run>/.hydra/ with this command's config: another run there, or one to resume
-    # with other settings, is refused while its config dump is still intact.
+    # Before Hydra starts: a process writing there now, another run there, or one to resume with other settings.
+    FolderLock(out, output_key(cfg)).check_free()
     inspect_run_directory(out, fingerprint(cfg), cfg.run.resume, output_key(cfg))
 
 
@@ -206,7 +217,7 @@ def check_checkpoint_files(directory: Path, model_cfg: DictConfig) -> None:
     key = _location_key(model_cfg)
     if not (directory / "config.json").is_file():
         raise ConfigError(key, f"no config.json in {directory}; point it at a Hugging Face checkpoint directory")
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json")
     if "auto_map" in config and config.get("model_type") not in CONFIG_MAPPING and not model_cfg.trust_remote_code:
         raise ConfigError(
             "model.trust_remote_code",
@@ -217,7 +228,7 @@ def check_checkpoint_files(directory: Path, model_cfg: DictConfig) -> None:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = directory / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
             missing = [shard for shard in shards if not (directory / shard).is_file()]
             if missing:
                 raise ConfigError(
@@ -225,11 +236,42 @@ def check_checkpoint_files(directory: Path, model_cfg: DictConfig) -> None:
                     f"{directory} lacks {len(missing)} of the {len(shards)} weight shards {index_name} lists "
                     f"({missing[0]} first); copy the complete checkpoint",
                 )
-            return
-    if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-        raise ConfigError(
-            key, f"no weights in {directory} (model.safetensors, a sharded index, or pytorch_model.bin)"
-        )
+            break
+    else:
+        if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+            raise ConfigError(
+                key, f"no weights in {directory} (model.safetensors, a sharded index, or pytorch_model.bin)"
+            )
+    for weights in sorted(directory.glob("*.safetensors")):
+        check_safetensors_size(weights)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # ValueError: bad JSON or UTF-8
+        raise SpectraError(f"{path}: not valid JSON ({str(error).splitlines()[0]}); the file is damaged") from None
+    if not isinstance(value, dict):
+        raise SpectraError(f"{path}: holds {type(value).__name__}, not a JSON object; the file is damaged")
+    return value
+
+
+def check_safetensors_size(path: Path) -> None:
+    """A cut-short .safetensors file, found from its header alone (8 bytes of length, then JSON whose tensors'
+    data_offsets say where the file ends), before any weight is read."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            header_bytes = int.from_bytes(handle.read(8), "little")
+            if header_bytes > size - 8:
+                raise ValueError(f"its header claims {header_bytes:,} bytes")
+            header = json.loads(handle.read(header_bytes))
+        ends = [tensor["data_offsets"][1] for name, tensor in header.items() if name != "__metadata__"]
+        end = 8 + header_bytes + max(ends, default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise SpectraError(f"{path}: not a readable safetensors file ({error}); the file is damaged") from None
+    if size < end:
+        raise SpectraError(f"{path}: truncated ({size:,} of {end:,} bytes); copy the checkpoint again")
 
 
 def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | None]:
@@ -260,8 +302,12 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
     try:
         return AutoConfig.from_pretrained(location, **options), location
     except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0]
+        if Path(location).is_dir():  # a local file is damaged or incomplete: the hub has nothing to do with it
+            where = Path(location) / model_cfg.gguf_file if model_cfg.source == "gguf" else location
+            raise SpectraError(f"cannot read the model config in {where} ({first}); is the file damaged?") from None
         raise SpectraError(
-            f"cannot read the model config of '{location}': {str(error).strip().splitlines()[0]} -- without hub "
+            f"cannot read the model config of '{location}': {first} -- without hub "
             "access, download the checkpoint elsewhere and pass model.path=<local dir>"
         ) from None
 
@@ -307,10 +353,14 @@ def output_key(cfg: DictConfig) -> str:
     return "run.output_dir" if cfg.run.output_dir else "hydra.run.dir"
 
 
-def preflight(cfg: DictConfig, out: Path) -> Plan:
-    """All checks that need no weights; cfg has passed checked_config. Changes nothing on disk."""
+def check_model(cfg: DictConfig, cache: dict | None = None) -> tuple[PretrainedConfig, str | None, type | None, dict]:
+    """The device, the model's config (read once per model when a cache is given), the context length."""
     check_device(cfg.hardware.device)
-    model_config, location = load_model_config(cfg.model)
+    cache = {} if cache is None else cache
+    key = json.dumps(OmegaConf.to_container(cfg.model, resolve=True), sort_keys=True)
+    if key not in cache:
+        cache[key] = load_model_config(cfg.model)
+    model_config, location = cache[key]
     model_class = check_attention_reaches_capture(model_config)
     shape = config_shape(model_config)
     if shape["max_position_embeddings"] and cfg.data.context_length > shape["max_position_embeddings"]:
@@ -318,6 +368,12 @@ def preflight(cfg: DictConfig, out: Path) -> Plan:
             "data.context_length",
             f"{cfg.data.context_length} exceeds the model's maximum of {shape['max_position_embeddings']} tokens",
         )
+    return model_config, location, model_class, shape
+
+
+def preflight(cfg: DictConfig, out: Path) -> Plan:
+    """All checks that need no weights; cfg has passed checked_config. Changes nothing on disk."""
+    model_config, location, model_class, shape = check_model(cfg)
     check_writable(out, output_key(cfg))
     tokenizer = load_tokenizer(cfg.model, location)
     samples = load_samples(cfg.data, tokenizer, model_config.vocab_size)

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from spectra.data.builtin import builtin_windows
 from spectra.data.sample import Sample, choose
 from spectra.data.shards import load_windows
-from spectra.errors import ConfigError
+from spectra.errors import ConfigError, SpectraError
 
 
 def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int) -> list[Sample]:
@@ -40,9 +40,17 @@ def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int) -> list[Sampl
         return [Sample(i, ids[i], "synthetic", f"seed-{data_cfg.seed}", i) for i in range(data_cfg.n_samples)]
     if data_cfg.name in ("slimpajama", "shards"):
         windows = load_windows(data_cfg, tokenizer, vocab_size, prepare_if_missing=data_cfg.name == "slimpajama")
-        return windows.samples(
+        samples = windows.samples(
             data_cfg.context_length, data_cfg.n_samples, data_cfg.seed, data_cfg.add_bos, tokenizer.bos_token_id
         )
+        for sample in samples:  # a shard damaged in place shows as ids the embedding would index out of range
+            if sample.input_ids.min() < 0 or sample.input_ids.max() >= vocab_size:
+                raise SpectraError(
+                    f"{data_cfg.data_dir}: window {sample.document_id}:{sample.window_index} holds token ids outside "
+                    f"this model's vocabulary of {vocab_size}; the shards are damaged or were made with another "
+                    "tokenizer"
+                )
+        return samples
     raise ConfigError(
         "data.name", f"unknown data source {data_cfg.name!r}; known: builtin, synthetic, slimpajama, shards"
     )

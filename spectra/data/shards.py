@@ -29,8 +29,11 @@ import shutil
 import sys
 import tempfile
 import weakref
+import zipfile
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -94,11 +97,24 @@ def preparation_settings(data_cfg: DictConfig) -> dict:
     }
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """A damaged or truncated shard-folder file ends in one line naming it."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        what = " ".join(str(error).split())[:200] or type(error).__name__
+        raise SpectraError(
+            f"{path}: damaged or unreadable ({what}); prepare the shards again into a new data.data_dir"
+        ) from None
+
+
 def read_manifest(data_dir: Path) -> dict | None:
     path = data_dir / MANIFEST
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
+    with _reading(path):
+        manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise SpectraError(f"{path}: not a Spectra token-shard manifest")
     return manifest
@@ -182,18 +198,19 @@ def _build(data_cfg: DictConfig, settings: dict, tokenizer, directory: Path, sha
     store_limit = settings["max_windows_per_doc"] * settings["max_prepared_length"]
     writer = _ShardWriter(directory, shard_tokens)
     rows: dict[str, list] = {k: [] for k in ("document_id", "source", "chars", "tokens", "stored", "shard", "offset")}
-    documents = tqdm(read_documents(data_cfg), desc="tokenize", unit="doc", dynamic_ncols=True, file=sys.stderr)
-    kept = _tokenized(tokenizer, documents, settings["min_chars"], set(settings["sources"]), counts)
-    for document, text, tokens in kept:
-        stored = tokens[:store_limit]
-        shard, offset = writer.add(stored)
-        record = {"document_id": document.document_id, "source": document.source, "chars": len(text),
-                  "tokens": len(tokens), "stored": len(stored), "shard": shard, "offset": offset}  # fmt: skip
-        for key, value in record.items():
-            rows[key].append(value)
-        counts[document.source]["kept"] += 1
-        counts[document.source]["tokens"] += len(tokens)
-        counts[document.source]["stored"] += len(stored)
+    # A with-block: an error or Ctrl-C ends the progress bar's line, so the one error line starts on its own.
+    with tqdm(read_documents(data_cfg), desc="tokenize", unit="doc", dynamic_ncols=True, file=sys.stderr) as documents:
+        kept = _tokenized(tokenizer, documents, settings["min_chars"], set(settings["sources"]), counts)
+        for document, text, tokens in kept:
+            stored = tokens[:store_limit]
+            shard, offset = writer.add(stored)
+            record = {"document_id": document.document_id, "source": document.source, "chars": len(text),
+                      "tokens": len(tokens), "stored": len(stored), "shard": shard, "offset": offset}  # fmt: skip
+            for key, value in record.items():
+                rows[key].append(value)
+            counts[document.source]["kept"] += 1
+            counts[document.source]["tokens"] += len(tokens)
+            counts[document.source]["stored"] += len(stored)
     writer.flush()
     if not rows["document_id"]:
         raise SpectraError(
@@ -310,8 +327,14 @@ def prepared_windows(data_dir: Path, manifest: dict, context_length: int) -> Win
             f"{context_length} exceeds the {prepared} tokens '{data_dir}' was prepared for; prepare again with "
             f"data.max_prepared_length>={context_length} into another data.data_dir",
         )
-    table = pq.read_table(data_dir / DOCUMENTS)
-    shards = [np.load(data_dir / shard["file"], mmap_mode="r") for shard in manifest["shards"]]
+    with _reading(data_dir / DOCUMENTS):
+        table = pq.read_table(data_dir / DOCUMENTS)
+    shards = []
+    for shard in manifest["shards"]:
+        with _reading(data_dir / shard["file"]):
+            shards.append(np.load(data_dir / shard["file"], mmap_mode="r"))  # (tokens,)
+            if shards[-1].shape != (shard["tokens"],):
+                raise ValueError(f"{shards[-1].shape[0]:,} tokens, the manifest lists {shard['tokens']:,}")
     shard, offset, stored = (table.column(k).to_numpy() for k in ("shard", "offset", "stored"))
     return Windows(
         lambda i: shards[shard[i]][offset[i] : offset[i] + stored[i]],
@@ -328,7 +351,7 @@ def npz_windows(path: Path, context_length: int, vocab_size: int) -> Windows:
     files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
     arrays = []
     for file in files:
-        with np.load(file) as shard:
+        with _reading(file), np.load(file) as shard:
             if "input_ids" not in shard or shard["input_ids"].ndim != 2:
                 raise SpectraError(f"{file}: a .npz shard needs an 'input_ids' array of shape [N, L]")
             arrays.append(shard["input_ids"])  # (N, L)

@@ -83,9 +83,7 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
             yield from zip(batch.column("text").to_pylist(), batch.column("meta").to_pylist())
         return
     if kind == ".jsonl.zst":
-        import zstandard
-
-        handle = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
+        handle = io.TextIOWrapper(_zstd_stream(path), encoding="utf-8")
     else:
         handle = open(path, encoding="utf-8")
     with handle:
@@ -95,18 +93,57 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
                 yield row["text"], row["meta"]
 
 
+def _zstd_stream(path: Path) -> io.BufferedReader:
+    """The decompressed bytes; a file cut short raises ValueError instead of ending early without a word
+    (zstandard's stream_reader treats a truncated frame as the end of the data)."""
+    import zstandard
+
+    class Checked(io.RawIOBase):
+        def __init__(self):
+            self.source = open(path, "rb")
+            self.decompressor = zstandard.ZstdDecompressor().decompressobj()
+            self.buffer = b""
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, target) -> int:
+            while not self.buffer:
+                chunk = self.source.read(1 << 20)
+                if not chunk:
+                    if not self.decompressor.eof:
+                        raise ValueError("the zstd stream ends in the middle of a frame: the file is truncated")
+                    return 0
+                if self.decompressor.eof:  # several frames laid end to end
+                    self.decompressor = zstandard.ZstdDecompressor().decompressobj()
+                self.buffer = self.decompressor.decompress(chunk)
+            size = min(len(target), len(self.buffer))
+            target[:size], self.buffer = self.buffer[:size], self.buffer[size:]
+            return size
+
+        def close(self) -> None:
+            self.source.close()
+            super().close()
+
+    return io.BufferedReader(Checked())
+
+
 def read_local(local_path: str) -> Iterator[Document]:
     base, files = local_files(local_path)
     for path in files:
         name = path.relative_to(base).as_posix() if path.is_relative_to(base) else path.as_posix()
         try:
             for row, (text, meta) in enumerate(_rows(path)):
+                if not isinstance(text, str):
+                    raise ValueError(f"row {row}: text is {text!r:.40}, not a string")
                 yield Document(f"{name}:{row}", _source(meta), text)
-        except (KeyError, ValueError) as error:  # ValueError covers bad JSON and a Parquet file without a column
+        except (KeyError, ValueError, EOFError) as error:  # bad JSON or UTF-8, a missing column, a cut zstd frame
             raise SpectraError(
-                f"{path}: not in SlimPajama's format (text plus meta.redpajama_set_name): "
+                f"{path}: not in SlimPajama's format (text plus meta.redpajama_set_name), or damaged: "
                 f"{str(error).splitlines()[0]}"
             ) from None
+        except OSError as error:  # a damaged Parquet file (pyarrow's errors are OSError), an unreadable file
+            raise SpectraError(f"{path}: cannot be read ({str(error).splitlines()[0]})") from None
 
 
 def read_hub(hub_id: str, split: str) -> Iterator[Document]:

@@ -22,10 +22,11 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from omegaconf import DictConfig, OmegaConf
 
 from spectra.crashpoints import crash_point
 from spectra.data.sample import Sample
-from spectra.store.manifest import Manifest, PartRecord, fsync_directory
+from spectra.store.manifest import Manifest, PartRecord, file_sha256, fsync_directory
 
 KEY_COLUMNS = {"sample_id": pa.int32(), "layer": pa.int16(), "head": pa.int16(), "token_pos": pa.int32()}
 FLOAT_METRICS = ("query_norm", "entropy", "max_attn")
@@ -64,6 +65,18 @@ def _splittable(kind: pa.DataType) -> bool:
 def write_parquet_atomic(table: pa.Table, path: Path) -> int:
     """Write, fsync and rename into place; returns the file's size in bytes."""
     temporary = path.with_name(path.name + ".inprogress")  # must not end in .parquet: readers' globs match it
+    try:
+        _write_parquet(table, temporary)
+    except BaseException:  # disk full, read-only, interrupted: no half-written file stays behind
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
+    fsync_directory(path.parent)
+    return path.stat().st_size
+
+
+def _write_parquet(table: pa.Table, temporary: Path) -> None:
+    """The file under its temporary name, synced."""
     # Keys (sample, layer, head) are runs: dictionary + RLE, then zstd, makes them nearly free.
     # Values (float metrics, k_eff) are split into byte streams, then brotli: its context modelling of each
     # stream beats zstd's best level (SmolLM2, 512 tokens, float32: 9.98 B/row against 10.3 at zstd's default).
@@ -84,9 +97,7 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> int:
     crash_point("parquet-written")
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
-    return path.stat().st_size
+
 
 
 class PartWriter:
@@ -121,7 +132,10 @@ class PartWriter:
                 size = write_parquet_atomic(table, path)
                 crash_point("part-renamed")
                 if self.manifest is not None:
-                    self.manifest.record(PartRecord(path.name, [int(i) for i in sample_ids], table.num_rows, size))
+                    ids = [int(i) for i in sample_ids]
+                    checksum = file_sha256(path)
+                    settings = self.manifest.settings
+                    self.manifest.record(PartRecord(path.name, ids, table.num_rows, size, checksum, settings))
                     crash_point("part-recorded")
                 self.bytes += size
                 self.rows += table.num_rows
@@ -166,8 +180,25 @@ def write_samples(path: Path, samples: Sequence[Sample]) -> None:
 
 def write_json_atomic(payload: dict, path: Path) -> None:
     temporary = path.with_name(path.name + ".inprogress")
-    with open(temporary, "w") as handle:
-        handle.write(json.dumps(payload, indent=2, default=str) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(json.dumps(payload, indent=2, default=str) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
+
+
+def write_config_record(out: Path, job_config: DictConfig, hydra_config: DictConfig) -> None:
+    """<run>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them, but only once the run is accepted.
+
+    conf/config.yaml sets hydra.output_subdir=null so that Hydra itself never writes there: a refused command
+    (another run in the folder, other settings on resume, a dry run) would otherwise overwrite the record.
+    """
+    folder = out / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(job_config, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": hydra_config}), folder / "hydra.yaml")
+    OmegaConf.save(hydra_config.overrides.task, folder / "overrides.yaml")
