@@ -23,15 +23,19 @@ def test_flags_move_before_the_overrides_in_their_order():
     assert flags_first(["--info", "a=1"]) == ["a=1", "--info"]  # no value: last, so it takes no override
 
 
+SWEEP_JOB = r"sweep job 0 \([^)]*\): "
+
+
 @pytest.mark.parametrize(
     "argv, pattern",
     [
         (["--cfg"], r"argument --cfg/-c: expected one argument"),
         (["--bogus", "data.n_samples=2"], r"unrecognized arguments: --bogus"),
         (["--cfg", "everything"], r"argument --cfg/-c: invalid choice: 'everything'"),
-        (["data.context_length=16,32", "-m", "data.n_samples=two"], r"data\.n_samples: Value 'two'"),
-        (["-m", "model=nope,tiny_llama"], r"model: no option 'nope'"),  # a sweep's first job is checked
-        (["data.context_lenght=16,32", "--multirun"], r"data\.context_lenght: no such key"),
+        # A sweep is checked point by point before any job starts; the line names the point.
+        (["data.context_length=16,32", "-m", "data.n_samples=two"], SWEEP_JOB + r"data\.n_samples: Value 'two'"),
+        (["-m", "model=nope,tiny_llama"], SWEEP_JOB + r"model: no option 'nope'"),
+        (["data.context_lenght=16,32", "--multirun"], SWEEP_JOB + r"data\.context_lenght: no such key"),
     ],
 )
 def test_command_line_mistakes_are_one_line(tmp_path, argv, pattern):

@@ -113,13 +113,14 @@ def test_a_request_the_cluster_cannot_hold_is_one_line(tmp_path, partition, over
 
 @pytest.mark.slurm
 def test_a_failed_job_shows_its_last_lines(tmp_path, partition):
-    # Accepted by the command line, refused inside the job: tiny_llama holds at most 8192 positions.
+    # Accepted by the command line (which checks every point's config, model and folder), refused inside the job:
+    # the built-in corpus holds far fewer than 100,000 windows of 64 tokens, which only loading the data shows.
     code, stdout, stderr = run_spectra_inprocess(
-        *SLURM, "model=tiny_llama", "data=synthetic", "data.context_length=9000", "data.n_samples=1", "logger=none",
+        *SLURM, "model=tiny_llama", "data=builtin", "data.context_length=64", "data.n_samples=100000", "logger=none",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )  # fmt: skip
     assert code == 2
-    assert "failed, state" in stderr and "spectra: error: data.context_length: 9000 exceeds" in stderr
+    assert "failed, state" in stderr and "spectra: error: data.n_samples: 100000 asked for" in stderr
     assert stderr.strip().splitlines()[-1].startswith("spectra: error: 1 of 1 SLURM job(s) failed (job 0)")
 
 

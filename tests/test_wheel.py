@@ -81,7 +81,7 @@ def test_missing_config_folder_is_one_line(installed, tmp_path):
     broken = tmp_path / "site"
     shutil.copytree(site, broken)
     shutil.rmtree(broken / "spectra" / "conf")
-    for module, program in (("spectra.run", "spectra"), ("spectra.analyze", "spectra.analyze")):
+    for module, program in (("spectra.run", "spectra"), ("spectra.analyze", "spectra")):
         result = run_installed(broken, tmp_path, "-m", module, "logger=none")
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [

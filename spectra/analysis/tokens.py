@@ -121,6 +121,6 @@ def top_tokens(
 
 
 def write_tokens(samples_path: Path, tokenizer, path: Path) -> pl.DataFrame:
-    table = tokens_table(pl.read_parquet(samples_path), tokenizer)
+    table = tokens_table(pl.read_parquet(samples_path, glob=False), tokenizer)
     write_parquet_atomic(table.to_arrow(), path)
     return table

@@ -152,7 +152,14 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(params + list(overrides))
         return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     except (ConfigCompositionException, MissingConfigException, OverrideParseException):
-        return [list(overrides)]  # composing the first job reports it with the usual message
+        pass
+    # The sweep's own config does not compose (a bad value or key): the command line's points alone, so that
+    # composing the first of them reports the mistake with the usual message.
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except (OverrideParseException, ValueError):
+        return [list(overrides)]
 
 
 def _composed(overrides: list[str]) -> DictConfig:

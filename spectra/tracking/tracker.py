@@ -51,6 +51,12 @@ class Tracker:
         pass
 
 
+
+def metric_parts(run_dir: Path) -> list[Path]:
+    """The run's part files as a list: a folder Hydra names after a list-valued key holds `[` `]`, which a glob
+    pattern would read as a character class."""
+    return sorted((run_dir / "metrics").glob("part-*.parquet"))
+
 def start_tracker(cfg: DictConfig, run_dir: Path, world: World) -> Tracker:
     """The tracker the config asks for; only rank 0 of a torchrun group tracks."""
     if cfg.logger.name == "none" or not world.is_main:
@@ -113,7 +119,7 @@ def run_group(cfg: DictConfig) -> str | None:
 
 def summary_frame(run_dir: Path, keys: list[str], names: list[str], quantiles: list[float]) -> pl.DataFrame:
     """One row per `keys` value and metric, from the run's Parquet parts: count, mean, std, min, quantiles, max."""
-    parts = pl.scan_parquet(run_dir / "metrics" / "*.parquet")
+    parts = pl.scan_parquet(metric_parts(run_dir), glob=False)
     frames = []
     for name in names:
         value = pl.col(name).cast(pl.Float64)
@@ -224,7 +230,7 @@ class WandbTracker(Tracker):
                 **images,
             }
         )
-        means = pl.scan_parquet(run_dir / "metrics" / "*.parquet").select(pl.col(names).mean()).collect()
+        means = pl.scan_parquet(metric_parts(run_dir), glob=False).select(pl.col(names).mean()).collect()
         self.run.summary.update(
             {
                 **{f"totals/{key}": value for key, value in record["counts"].items()},
