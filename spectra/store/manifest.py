@@ -122,6 +122,20 @@ def listed_parts(out: Path) -> dict[str, PartRecord]:
     return {part.part: part for path in sorted(out.glob(MANIFEST_GLOB)) for part in read_manifest(path)[1]}
 
 
+def write_text_atomic(text: str, path: Path) -> None:
+    """path holds the old text or the new, never a part: written under another name, synced, then renamed."""
+    temporary = path.with_name(path.name + ".inprogress")
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
+
+
 def fsync_directory(directory: Path) -> None:
     # A rename is durable only once its directory is synced (matters when the node dies, not on SIGKILL).
     descriptor = os.open(directory, os.O_RDONLY)
@@ -139,16 +153,7 @@ class Manifest:
         self.parts = list(kept)
         self.settings = settings_hash(fingerprint_)
         lines = [{"manifest_version": MANIFEST_VERSION, "fingerprint": fingerprint_}] + [asdict(p) for p in kept]
-        temporary = path.with_name(path.name + ".inprogress")
-        try:
-            with open(temporary, "w") as handle:
-                handle.writelines(json.dumps(line) + "\n" for line in lines)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        os.replace(temporary, path)
+        write_text_atomic("".join(json.dumps(line) + "\n" for line in lines), path)
         fsync_directory(path.parent)
 
     def record(self, part: PartRecord) -> None:

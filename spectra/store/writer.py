@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spectra.crashpoints import crash_point
 from spectra.data.sample import Sample
-from spectra.store.manifest import Manifest, PartRecord, file_sha256, fsync_directory
+from spectra.store.manifest import Manifest, PartRecord, file_sha256, fsync_directory, write_text_atomic
 
 KEY_COLUMNS = {"sample_id": pa.int32(), "layer": pa.int16(), "head": pa.int16(), "token_pos": pa.int32()}
 FLOAT_METRICS = ("query_norm", "entropy", "max_attn")
@@ -179,16 +179,7 @@ def write_samples(path: Path, samples: Sequence[Sample]) -> None:
 
 
 def write_json_atomic(payload: dict, path: Path) -> None:
-    temporary = path.with_name(path.name + ".inprogress")
-    try:
-        with open(temporary, "w") as handle:
-            handle.write(json.dumps(payload, indent=2, default=str) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    os.replace(temporary, path)
+    write_text_atomic(json.dumps(payload, indent=2, default=str) + "\n", path)
 
 
 def write_config_record(out: Path, job_config: DictConfig, hydra_config: DictConfig) -> None:
