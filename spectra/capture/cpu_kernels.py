@@ -80,6 +80,17 @@ def _row_max(scores):
     return best
 
 
+@numba.njit(nogil=True, cache=True)
+def _row_exp(row, e, scale_bits):
+    """e = exp(row - max) for one row's visible scores (all arrays (n,)); returns the max, 0 for a row whose
+    every key is masked (a row of zeros, which the numerics guard catches)."""
+    row_max = _row_max(row)
+    if row_max == -np.inf:
+        row_max = np.float32(0.0)
+    _exp_shifted(row, row_max, e, scale_bits)
+    return row_max
+
+
 @numba.njit(nogil=True, cache=True, fastmath=VECTOR_MATH)
 def _row_sums(scores, row_max, e, level_mass):
     """(sum e, sum e z, sum e j, count of e > 0, count of NaN scores), z = max(s - max, -87); level_mass[i]
@@ -240,10 +251,7 @@ def row_metrics(scores, lo, hi, key_offset, query_pos, threshold, entropy, max_a
             # Loops over slices from 0: LLVM vectorizes `range(lo, hi)` with a run-time lo several times slower.
             row = scores[r][a:b]
             ev = e[: b - a]
-            row_max = _row_max(row)
-            if row_max == -np.inf:
-                row_max = np.float32(0.0)  # every key masked: a row of zeros, caught by the numerics guard
-            _exp_shifted(row, row_max, ev, scale_bits[: b - a])
+            row_max = _row_exp(row, ev, scale_bits[: b - a])
             total, weighted_shift, weighted_key, allowed, nan_scores = _row_sums(row, row_max, ev, level_mass)
             if nan_scores or not math.isfinite(row_max):
                 total = np.nan  # NaN (or +inf) scores: NaN metrics, for the numerics guard to report
@@ -281,10 +289,7 @@ def row_probabilities(scores, lo, hi, probs):
         e = np.empty(b - a, np.float32)
         scale_bits = np.empty(b - a, np.int32)
         level_mass = np.empty(len(CUT_LEVELS), np.float32)
-        row_max = _row_max(scores[r][a:b])
-        if row_max == -np.inf:
-            row_max = np.float32(0.0)
-        _exp_shifted(scores[r][a:b], row_max, e, scale_bits)
+        row_max = _row_exp(scores[r][a:b], e, scale_bits)
         partition = np.float32(_row_sums(scores[r][a:b], row_max, e, level_mass)[0])
         probs[r, :] = 0.0
         for j in range(b - a):

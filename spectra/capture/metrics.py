@@ -81,22 +81,15 @@ def k_eff_from_probs(probs: torch.Tensor, threshold: float) -> torch.Tensor:
 def k_eff_fast(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """The same integers as `k_eff_from_probs`, without sorting whole rows. probs (..., S) -> (...) int32."""
     seq_len = probs.shape[-1]
-    rows = probs.reshape(-1, seq_len).float()  # (N, S)
+    rows = probs.reshape(-1, seq_len).float().contiguous()  # (N, S)
     ones = torch.ones(rows.shape[0], device=probs.device)
-    return _k_eff(rows.contiguous(), ones, None, threshold).reshape(probs.shape[:-1])
-
-
-def _k_eff(e: torch.Tensor, partition: torch.Tensor, key_range, threshold: float) -> torch.Tensor:
-    """k_eff of p = e / partition per row. e (N, S) >= 0 (hidden keys 0); partition (N,); key_range (lo, hi) (N,)
-    int64 tensors of the keys each row may see, or None for all."""
-    if key_range is None:
-        key_range = (torch.zeros(e.shape[0], dtype=torch.int64), torch.full((e.shape[0],), e.shape[1]))
-    if e.device.type == "cpu":
-        out = np.empty(e.shape[0], dtype=np.int32)
-        lo, hi = key_range
-        cpu_kernels.k_eff_rows(e.numpy(), partition.numpy(), lo.numpy(), hi.numpy(), threshold, out)
-        return torch.from_numpy(out)
-    return _k_eff_topk(e, partition, threshold)
+    if rows.device.type != "cpu":
+        return _k_eff_topk(rows, ones, threshold).reshape(probs.shape[:-1])
+    out = np.empty(rows.shape[0], dtype=np.int32)
+    lo = np.zeros(rows.shape[0], dtype=np.int64)
+    hi = np.full(rows.shape[0], seq_len, dtype=np.int64)
+    cpu_kernels.k_eff_rows(rows.numpy(), ones.numpy(), lo, hi, threshold, out)
+    return torch.from_numpy(out).reshape(probs.shape[:-1])
 
 
 def _k_eff_topk(e: torch.Tensor, partition: torch.Tensor, threshold: float, first: int = 128) -> torch.Tensor:
