@@ -125,3 +125,21 @@ def test_torch_path_matches_the_cpu_kernels_and_float64(monkeypatch, options):
             torch.testing.assert_close(getattr(torch_path, name), getattr(kernels, name), atol=2e-5, rtol=2e-5)
     if not options:
         assert_matches_reference(torch_path, numpy_metrics(query, key, 0.3, 0.9), 0.9)
+
+
+def test_row_max_matches_numpy_on_signed_zeros_infinities_and_negatives():
+    """The row max is taken on integer keys (cpu_kernels._row_max); the float order must survive the mapping."""
+    rng = np.random.default_rng(7)
+    rows = [
+        np.array([-3.5, -1.25, -7.0], np.float32),
+        np.array([-np.inf, -np.inf, -2.0], np.float32),
+        np.array([-0.0, -1e-30], np.float32),
+        np.array([-0.0, 0.0, -1.0], np.float32),
+        np.array([np.inf, 3.0], np.float32),
+        np.array([-np.inf] * 5, np.float32),
+        np.array([1e-45, -1e-45, 0.0], np.float32),
+        (rng.standard_normal(1000) * 50).astype(np.float32),
+    ]
+    for row in rows:
+        got = cpu_kernels._row_max(row)
+        assert got == row.max() and np.signbit(got) == np.signbit(row.max()), row

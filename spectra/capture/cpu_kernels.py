@@ -10,10 +10,11 @@ the extended metrics, and k_eff, which sorts only the few keys that can be in it
    highest level holding >= threshold of the mass is the cut. Failing that, the provable bound: every key of the
    top-k_eff set has p > (1 - threshold) / n, n = visible keys (were p_(k) <= (1 - t) / n, the remaining mass
    > 1 - t could not fit under it).
-2. One scan copies out the keys above the cut; their float exponents bucket them by factors of 2, the top
-   buckets holding >= threshold of the mass are kept (typically 1-2x k_eff keys), and only those are sorted.
-3. The running sum of the sorted keys, as `k_eff_from_probs` computes it, decides k_eff. If the kept keys fall
-   short of the threshold (rounding), the next bucket is added, then the bound's cut, then every key.
+2. One scan copies out the keys above the cut (typically 1-2x k_eff keys) as p = e / Z.
+3. A quickselect finds the fewest of them whose sum reaches the threshold: the running sum of the largest
+   values, as `k_eff_from_probs` forms it, decides k_eff. When some candidate is below 2^-29 (where float64
+   sums stop being exact, see _k_eff_selected) the candidates are sorted instead. If they fall short of the
+   threshold (rounding), the bound's cut is tried, then every key.
 
 Exactness: the keys kept are all those with e above some value, hence with p = e / Z above some value, so their
 sorted order is the first m entries of the full sort (equal values are interchangeable), and the running sum is
@@ -21,7 +22,10 @@ accumulated as torch's CPU `cumsum` does (float64 accumulator, rounded to float3
 float32(threshold), as the reference does. That running sum never decreases, so the count of prefixes short of
 the threshold is the reference's count.
 
-    python -m pytest tests/test_fast_metrics.py
+Speed: the loops over whole rows are branch-free, so LLVM vectorizes them (AVX-512 here) or, where it cannot
+(the compaction, the partitions), no branch mispredicts on data that looks random to the predictor.
+
+    python -m pytest tests/test_k_eff.py tests/test_fast_metrics.py
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 # exp(-87) ~ 1.6e-38 is still a normal float32. Shifted scores further below the row max are raised to it, which
 # keeps 2^n in the exp below a normal float; such a key gets p ~ 1e-38 instead of ~0, which no metric can see.
@@ -45,8 +52,35 @@ _LN2_HI = np.float32(0.693359375)  # ln 2 split in two (Cody-Waite), so x - n ln
 _LN2_LO = np.float32(-2.12194440e-4)
 
 
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of an integer (LLVM bitcast: free, and vectorizable)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _bits_from_float(typingctx, value):
+    """The bit pattern of a float32 as an int32."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(value), codegen
+
+
 @numba.njit(nogil=True, cache=True, fastmath=VECTOR_MATH)
-def _exp_shifted(scores, row_max, e, scale_bits):
+def _exp_shifted(scores, row_max, e):
     """e[j] = exp(max(s_j - max, -87)), 0 where s_j = -inf (masked). ~3 ulp. Every array (n,), from index 0.
 
     Written out because LLVM here has no vector exp (no SVML): 2^n times a degree-7 Taylor polynomial of
@@ -64,30 +98,29 @@ def _exp_shifted(scores, row_max, e, scale_bits):
         poly = poly * r + np.float32(0.5)
         poly = poly * r + np.float32(1.0)
         poly = poly * r + np.float32(1.0)
-        e[j] = poly if scores[j] > -np.inf else np.float32(0.0)
-        scale_bits[j] = (np.int32(n) + np.int32(127)) << 23  # the float32 2^n, n >= -126
-    scale = scale_bits.view(np.float32)
-    for j in range(len(e)):
-        e[j] *= scale[j]
-
-
-@numba.njit(nogil=True, cache=True, fastmath=VECTOR_MATH | {"nnan"})
-def _row_max(scores):
-    """'nnan' lets LLVM vectorize the max; _row_sums counts NaN scores separately."""
-    best = np.float32(-np.inf)  # float32 throughout: a float64 in the loop halves the vector width
-    for j in range(len(scores)):
-        best = max(best, scores[j])
-    return best
+        scaled = poly * _float_from_bits((np.int32(n) + np.int32(127)) << 23)  # 2^n as float32, n >= -126
+        e[j] = scaled if scores[j] > -np.inf else np.float32(0.0)
 
 
 @numba.njit(nogil=True, cache=True)
-def _row_exp(row, e, scale_bits):
-    """e = exp(row - max) for one row's visible scores (all arrays (n,)); returns the max, 0 for a row whose
+def _row_max(scores):
+    """Max of a row, computed on integer keys whose signed order is the float order: LLVM vectorizes an integer
+    max but not a float one (not even with 'nnan'). A NaN score can win; _row_sums counts NaN scores anyway."""
+    best = np.int32(-(2**31))
+    for j in range(len(scores)):
+        bits = _bits_from_float(scores[j])
+        best = max(best, bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF)))  # negative floats: flip the magnitude
+    return _float_from_bits(best ^ ((best >> 31) & np.int32(0x7FFFFFFF)))
+
+
+@numba.njit(nogil=True, cache=True)
+def _row_exp(row, e):
+    """e = exp(row - max) for one row's visible scores (both arrays (n,)); returns the max, 0 for a row whose
     every key is masked (a row of zeros, which the numerics guard catches)."""
     row_max = _row_max(row)
     if row_max == -np.inf:
         row_max = np.float32(0.0)
-    _exp_shifted(row, row_max, e, scale_bits)
+    _exp_shifted(row, row_max, e)
     return row_max
 
 
@@ -136,12 +169,27 @@ def _k_eff_sorted(probs, count, threshold32):
 
 
 @numba.njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _exact_sum(probs, first, last):
-    """Sum of probs[first:last] in float64; exact (so any order, hence 'reassoc') when each is >= 2^-29."""
+def _exact_sum(probs):
+    """Sum of probs in float64; exact (so any order, hence 'reassoc') when each is >= 2^-29."""
     total = 0.0
-    for k in range(first, last):
+    for k in range(len(probs)):
         total += np.float64(probs[k])
     return total
+
+
+@numba.njit(nogil=True, cache=True)
+def _move_front(values, pivot, strict):
+    """Moves the values > pivot (strict) or == pivot (not strict) to the front, in place; returns their count.
+
+    Branch-free (every value is swapped, the front grows only past the chosen ones): which side a probability
+    falls on is a coin toss for the branch predictor, and a mispredicted branch per value cost 4x the time."""
+    front = 0
+    for i in range(len(values)):
+        value = values[i]
+        values[i] = values[front]
+        values[front] = value
+        front += (value > pivot) if strict else (value == pivot)
+    return front
 
 
 @numba.njit(nogil=True, cache=True)
@@ -154,31 +202,20 @@ def _k_eff_selected(probs, count, threshold32):
     first, last = 0, count  # the candidates not yet placed, probs[first:last]
     while last > first:
         pivot = probs[(first + last) // 2]
-        # Three-way partition of probs[first:last]: > pivot, == pivot, < pivot.
-        above, i, below = first, first, last
-        while i < below:
-            value = probs[i]
-            if value > pivot:
-                probs[above], probs[i] = probs[i], probs[above]
-                above += 1
-                i += 1
-            elif value < pivot:
-                below -= 1
-                probs[below], probs[i] = probs[i], probs[below]
-            else:
-                i += 1
-        mass_above = _exact_sum(probs, first, above)
+        above = first + _move_front(probs[first:last], pivot, True)
+        mass_above = _exact_sum(probs[first:above])
         if np.float32(running + mass_above) >= threshold32:
-            last = above  # the threshold is crossed among the larger ones
+            last = above  # the threshold is crossed among the larger ones (the pivot is not among them)
             continue
         running += mass_above
         taken += above - first
-        for _ in range(below - above):  # equal values: one at a time
+        equal = above + _move_front(probs[above:last], pivot, False)
+        for _ in range(equal - above):  # equal values: one at a time
             running += np.float64(pivot)
             taken += 1
             if np.float32(running) >= threshold32:
                 return taken, True
-        first = below
+        first = equal
     return 0, False
 
 
@@ -186,10 +223,12 @@ def _k_eff_selected(probs, count, threshold32):
 def _k_eff_above(e, partition, threshold, cut, buf):
     """(k_eff, found) from the keys with e > cut only; found is False when they do not reach the threshold."""
     count = 0
-    for j in range(len(e)):
-        if e[j] > cut:  # a rare branch: the cut keeps a small share of the row
-            buf[count] = e[j] / partition  # p as float32, as the reference's probabilities
-            count += 1
+    for j in range(len(e)):  # branch-free, as in _move_front: always stored, kept only when above the cut
+        value = e[j]
+        buf[count] = value
+        count += value > cut
+    for i in range(count):
+        buf[i] = buf[i] / partition  # p as float32, as the reference's probabilities
     threshold32 = np.float32(threshold)
     if cut / partition >= 2.0**-28:  # every candidate has p > 2^-28 (a margin over 2^-29 for rounding)
         return _k_eff_selected(buf, count, threshold32)
@@ -243,7 +282,6 @@ def row_metrics(scores, lo, hi, key_offset, query_pos, threshold, entropy, max_a
     want_extended = extended.shape[1] == n_rows
     for task in numba.prange((n_rows + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         e = np.empty(width, np.float32)
-        scale_bits = np.empty(width, np.int32)
         buf = np.empty(width, np.float32)
         level_mass = np.empty(len(CUT_LEVELS), np.float32)
         for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
@@ -251,7 +289,7 @@ def row_metrics(scores, lo, hi, key_offset, query_pos, threshold, entropy, max_a
             # Loops over slices from 0: LLVM vectorizes `range(lo, hi)` with a run-time lo several times slower.
             row = scores[r][a:b]
             ev = e[: b - a]
-            row_max = _row_exp(row, ev, scale_bits[: b - a])
+            row_max = _row_exp(row, ev)
             total, weighted_shift, weighted_key, allowed, nan_scores = _row_sums(row, row_max, ev, level_mass)
             if nan_scores or not math.isfinite(row_max):
                 total = np.nan  # NaN (or +inf) scores: NaN metrics, for the numerics guard to report
@@ -287,9 +325,8 @@ def row_probabilities(scores, lo, hi, probs):
     for r in numba.prange(n_rows):
         a, b = lo[r], hi[r]
         e = np.empty(b - a, np.float32)
-        scale_bits = np.empty(b - a, np.int32)
         level_mass = np.empty(len(CUT_LEVELS), np.float32)
-        row_max = _row_exp(scores[r][a:b], e, scale_bits)
+        row_max = _row_exp(scores[r][a:b], e)
         partition = np.float32(_row_sums(scores[r][a:b], row_max, e, level_mass)[0])
         probs[r, :] = 0.0
         for j in range(b - a):
