@@ -6,8 +6,9 @@ each round runs, back to back so all three see the same machine load:
   full forward     the whole model, logits included: what a user's own forward pass costs
   capture          Spectra's attention function, device-to-host copy, Parquet part written and closed
 The ratios are medians of the per-round ratios (a burst of load from other jobs spoils one round, not the
-ratio); the main figure is capture / decoder forward. The first line says which machine, threads and library
-versions produced the figures: figures from two machines are only comparable when those agree.
+ratio); the main figure is capture / decoder forward. The capture's peak RSS is sampled in the warm-up rounds
+(a sampler thread would slow the timed ones). The first line says which machine, threads and library versions
+produced the figures: figures from two machines are only comparable when those agree.
 
     python scripts/bench.py 512 2048 8192 model=smollm2_135m hardware.num_threads=2
     python scripts/bench.py 512 2048 8192 --json model=llama3_8b_random hardware=h100     # on a GPU
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numba
@@ -141,11 +143,13 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
             decoder = time_forward(model.base_model, input_ids, model.device)
             forward = time_forward(model, input_ids, model.device)
             model.set_attn_implementation(ATTENTION_NAME)
-            with PeakRss() as rss:
+            # The memory sampler wakes every 5 ms and takes the GIL: it runs in the warm-up rounds only, so that it
+            # does not slow the timed ones (in every round when there is no warm-up).
+            with PeakRss() if repeat < warmup or warmup == 0 else nullcontext() as rss:
                 seconds, rows, size = time_capture(
                     capture, input_ids, sample_ids, names, schema, Path(scratch) / f"round-{repeat}"
                 )
-            peak_rss = max(peak_rss, rss.peak)
+            peak_rss = max(peak_rss, rss.peak if rss is not None else 0)
             if repeat >= warmup:
                 decoder_s.append(decoder)
                 forward_s.append(forward)
