@@ -112,15 +112,36 @@ def time_forward(forward, input_ids: torch.Tensor, device: torch.device) -> floa
 
 
 def time_capture(capture: AttentionCapture, input_ids, sample_ids, names, schema, directory: Path):
-    """(seconds, rows, bytes on disk) for one batch, from input ids to a closed Parquet part."""
+    """(seconds, seconds of them until the metrics were on the host, rows, bytes on disk) for one batch, from
+    input ids to a closed Parquet part."""
     started = time.perf_counter()
     with PartWriter(directory, schema) as writer:
         metrics = capture.run(input_ids)
         writer.put(sample_ids, metrics_to_host(metrics, names))
-    return time.perf_counter() - started, writer.rows, writer.bytes
+        on_host = time.perf_counter() - started
+    return time.perf_counter() - started, on_host, writer.rows, writer.bytes
 
 
-def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warmup: int) -> dict:
+def print_profile(capture: AttentionCapture, input_ids, sample_ids, names, schema, directory: Path) -> None:
+    """One more capture under torch's profiler: where its time goes, op by op (device time first on a GPU)."""
+    cuda = input_ids.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as profiler:
+        time_capture(capture, input_ids, sample_ids, names, schema, directory)
+        synchronize(input_ids.device)
+    averages = profiler.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",):
+        try:
+            table = averages.table(sort_by=key, row_limit=20)
+        except (KeyError, AttributeError, ValueError):  # the sort key's name changed across torch versions
+            continue
+        print(f"profile of one capture, T={input_ids.shape[1]}, by {key}:\n{table}", file=sys.stderr, flush=True)
+        return
+
+
+def bench_context(
+    model, tokenizer, cfg, context_length: int, repeats: int, warmup: int, profile: bool = False
+) -> dict:
     cfg.data.context_length = context_length
     cfg.data.n_samples = cfg.hardware.batch_size
     samples = load_samples(cfg.data, tokenizer, model.config.vocab_size)
@@ -131,7 +152,7 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(model.device)
 
-    decoder_s, forward_s, capture_s = [], [], []
+    decoder_s, forward_s, capture_s, write_s = [], [], [], []
     peak_rss = 0
     plain = model.config._attn_implementation  # the model's own attention (SDPA) for the plain passes
     with (
@@ -146,7 +167,7 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
             # The memory sampler wakes every 5 ms and takes the GIL: it runs in the warm-up rounds only, so that it
             # does not slow the timed ones (in every round when there is no warm-up).
             with PeakRss() if repeat < warmup or warmup == 0 else nullcontext() as rss:
-                seconds, rows, size = time_capture(
+                seconds, on_host, rows, size = time_capture(
                     capture, input_ids, sample_ids, names, schema, Path(scratch) / f"round-{repeat}"
                 )
             peak_rss = max(peak_rss, rss.peak if rss is not None else 0)
@@ -154,6 +175,9 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
                 decoder_s.append(decoder)
                 forward_s.append(forward)
                 capture_s.append(seconds)
+                write_s.append(seconds - on_host)
+        if profile:
+            print_profile(capture, input_ids, sample_ids, names, schema, Path(scratch) / "profiled")
 
     captured = statistics.median(capture_s)
     result = {
@@ -161,6 +185,7 @@ def bench_context(model, tokenizer, cfg, context_length: int, repeats: int, warm
         "decoder_forward_s": round(statistics.median(decoder_s), 6),
         "forward_s": round(statistics.median(forward_s), 6),
         "capture_s": round(captured, 6),
+        "write_s": round(statistics.median(write_s), 6),  # of capture_s: Parquet part written after the metrics
         # Medians of the per-round ratios: each pairs passes run back to back.
         "capture_over_decoder": round(statistics.median(c / d for c, d in zip(capture_s, decoder_s)), 3),
         "capture_over_forward": round(statistics.median(c / f for c, f in zip(capture_s, forward_s)), 3),
@@ -193,7 +218,7 @@ def print_row(result: dict) -> None:
     rounds = " ".join(f"{r:.2f}" for r in result["capture_over_decoder_rounds"])
     print(
         f"T={result['context_length']:>5} B={result['batch_size']}  decoder forward {result['decoder_forward_s']:.3f} s"
-        f"  full forward {result['forward_s']:.3f} s  capture {result['capture_s']:.3f} s  "
+        f"  full forward {result['forward_s']:.3f} s  capture {result['capture_s']:.3f} s (write {result['write_s']:.3f} s)  "
         f"capture/decoder {result['capture_over_decoder']:.2f} (rounds {rounds})  "
         f"capture/full {result['capture_over_forward']:.2f}  {result['tokens_per_s']:,.0f} tokens/s  "
         f"{result['bytes_per_row']:.2f} B/row  capture peak RSS {result['capture_peak_rss_mb']:,.0f} MB{cuda}{target}",
@@ -207,6 +232,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per context length (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (0 for very long contexts)")
     parser.add_argument("--json", action="store_true", help="one JSON object per context length")
+    parser.add_argument("--profile", action="store_true", help="then one capture under torch's profiler (stderr)")
     options = parser.parse_intermixed_args(argv)
     overrides = [a for a in options.args if "=" in a]
     lengths = [a for a in options.args if "=" not in a]
@@ -226,7 +252,9 @@ def main(argv: list[str]) -> None:
     else:
         print("machine: " + ", ".join(f"{key} {value}" for key, value in info.items()), flush=True)
     for context_length in lengths:
-        result = bench_context(model, tokenizer, cfg, context_length, options.repeats, options.warmup)
+        result = bench_context(
+            model, tokenizer, cfg, context_length, options.repeats, options.warmup, options.profile
+        )
         if options.json:
             print(json.dumps(result), flush=True)
         else:
