@@ -274,9 +274,10 @@ def k_eff_rows(e, partition, lo, hi, threshold, out):
 def row_metrics(scores, lo, hi, key_offset, query_pos, threshold, entropy, max_attn, k_eff, extended):
     """Entropy, max_attn, k_eff (and the extended reductions) of every row of a block of scores.
 
-    scores (N, S) float32, masked keys -inf; row r sees keys lo[r]:hi[r], key j being position key_offset + j;
-    query_pos (N,) int64. Outputs (N,): entropy, max_attn float32, k_eff int32, and extended (4, N) float32 with
-    rows sink_attn, attn_distance, max_logit, lse, or shape (4, 0) to skip them.
+    scores (N, S) float32, masked keys -inf, N a multiple of R (the block's (batch, head) pairs times its R
+    queries); row r is query i = r % R, which sees keys lo[i]:hi[i], key j being position key_offset + j, and
+    sits at position query_pos[i]; lo, hi, query_pos (R,) int64. Outputs (N,): entropy, max_attn float32, k_eff
+    int32, and extended (4, N) float32 with rows sink_attn, attn_distance, max_logit, lse, or shape (4, 0).
     """
     n_rows, width = scores.shape
     want_extended = extended.shape[1] == n_rows
@@ -285,7 +286,8 @@ def row_metrics(scores, lo, hi, key_offset, query_pos, threshold, entropy, max_a
         buf = np.empty(width, np.float32)
         level_mass = np.empty(len(CUT_LEVELS), np.float32)
         for r in range(task * ROWS_PER_TASK, min(n_rows, (task + 1) * ROWS_PER_TASK)):
-            a, b = lo[r], hi[r]
+            query = r % len(lo)
+            a, b = lo[query], hi[query]
             # Loops over slices from 0: LLVM vectorizes `range(lo, hi)` with a run-time lo several times slower.
             row = scores[r][a:b]
             ev = e[: b - a]
@@ -312,7 +314,7 @@ def row_metrics(scores, lo, hi, key_offset, query_pos, threshold, entropy, max_a
             if want_extended:
                 extended[0, r] = e[0] / partition if key_offset == 0 and a == 0 else np.float32(0.0)
                 # sum p (t - j) = t - sum(e j) / Z, with j the key's absolute position key_offset + a + (local j)
-                extended[1, r] = np.float32(query_pos[r] - key_offset - a - weighted_key / total)
+                extended[1, r] = np.float32(query_pos[query] - key_offset - a - weighted_key / total)
                 extended[2, r] = row_max
                 extended[3, r] = np.float32(row_max + math.log(total))
 

@@ -121,9 +121,13 @@ def _padded(keys: int) -> int:
 
 
 def _block_rows(batch: int, heads: int, seq_len: int, budget_bytes: int) -> int:
-    """Query rows per block so that the block's work tensors (2 float32 + 1 bool per score) fit in the budget."""
+    """Query rows per block so that the block's work tensors (2 float32 + 1 bool per score) fit in the budget,
+    in equal blocks, and at least 4 of them from 256 tokens on: a block computes the square of scores up to its
+    diagonal in full, so one or two blocks per layer compute up to 2x the causal scores (4: 1.25x)."""
     per_row = batch * heads * seq_len * 9
-    return max(1, min(seq_len, budget_bytes // per_row))
+    most = max(1, min(seq_len, budget_bytes // per_row))
+    blocks = max(-(-seq_len // most), min(4, -(-seq_len // 64)))
+    return -(-seq_len // blocks)
 
 
 def attention_metrics(
@@ -221,9 +225,7 @@ def attention_metrics(
 def _reduce_block_cpu(scores, lo, hi, first_key, query_pos, threshold, extended) -> dict[str, torch.Tensor]:
     """One block's per-row metrics with the CPU kernels. scores (B, KV, G, R, S), masked keys -inf."""
     width = scores.shape[-1]
-    rows = scores.reshape(-1, width)  # (N, S), N = B*KV*G*R, a view: the block is contiguous
-    repeat = rows.shape[0] // query_pos.numel()
-    lo, hi, query_pos = lo.repeat(repeat), hi.repeat(repeat), query_pos.repeat(repeat)  # (N,) row r: query r % R
+    rows = scores.reshape(-1, width)  # (N, S), N = B*KV*G*R, a view: the block is contiguous; row r: query r % R
     entropy = np.empty(rows.shape[0], dtype=np.float32)
     max_attn = np.empty_like(entropy)
     k_eff = np.empty(rows.shape[0], dtype=np.int32)
