@@ -182,7 +182,8 @@ def _move_front(values, pivot, strict):
     """Moves the values > pivot (strict) or == pivot (not strict) to the front, in place; returns their count.
 
     Branch-free (every value is swapped, the front grows only past the chosen ones): which side a probability
-    falls on is a coin toss for the branch predictor, and a mispredicted branch per value cost 4x the time."""
+    falls on is a coin toss for the branch predictor; with a branch, the row kernel took 3.5 instead of 2.3 ns
+    per score (real SmolLM2 rows, 2048 tokens)."""
     front = 0
     for i in range(len(values)):
         value = values[i]
