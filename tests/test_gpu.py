@@ -17,6 +17,7 @@ import importlib.util
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import compose_config
@@ -95,3 +96,39 @@ def test_capture_leaves_cuda_logits_unchanged(smollm2_any):
             capture.run(input_ids)
             captured = on_device(input_ids=input_ids).logits
     assert torch.equal(plain, captured)
+
+
+def test_bf16_capture_matches_float64_metrics_of_the_queries_and_keys_it_received(tiny_llama, monkeypatch):
+    """hardware=h100 runs the model in bf16. The capture upcasts the bf16 q and k its attention function receives;
+    its metrics must equal float64 softmax attention computed from exactly those q and k (causal, GQA by
+    repeat_kv's mapping). The float32 tests above check that these are the q and k the model attends with."""
+    from reference import metrics_from_probs
+
+    from spectra.capture import hook
+
+    model = copy.deepcopy(tiny_llama).to(DEVICE, torch.bfloat16)
+    received = []
+
+    original = hook.attention_metrics
+
+    def recording(query, key, scaling, *args, **kwargs):
+        received.append((query.dtype, query.double().cpu(), key.double().cpu(), scaling))
+        return original(query, key, scaling, *args, **kwargs)
+
+    monkeypatch.setattr(hook, "attention_metrics", recording)
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(3))
+    with AttentionCapture(model, k_eff_threshold=0.9) as capture:
+        captured = {name: values.cpu() for name, values in capture.run(input_ids.to(DEVICE)).items()}
+
+    assert len(received) == model.config.num_hidden_layers and {r[0] for r in received} == {torch.bfloat16}
+    layers = []
+    for _, query, key, scaling in received:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)  # head h reads KV head h // groups
+        scores = (query @ key.transpose(-1, -2)) * scaling
+        seq_len = scores.shape[-1]
+        scores = scores.masked_fill(torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1), float("-inf"))
+        layer = metrics_from_probs(scores.softmax(-1).numpy(), 0.9)
+        layer["query_norm"] = query.norm(dim=-1).numpy()
+        layers.append(layer)
+    reference = {name: np.stack([layer[name] for layer in layers]) for name in layers[0]}
+    assert_matches_reference(captured, reference)
