@@ -2,7 +2,7 @@
 # The GPU check, prepared to run in one go (< 5 minutes on one H100/H200-class GPU):
 #   0. versions (python, torch, CUDA, transformers, numpy, numba, ...), the GPU's name and memory, nvidia-smi
 #   1. the tests marked gpu: the capture on CUDA against eager float64 attention (tiny_llama, SmolLM2-135M),
-#      and the CUDA logits unchanged by the capture
+#      the CUDA logits unchanged by the capture, and the bf16 capture against float64 math on its q and k
 #   2. scripts/bench.py 512 2048 8192 --json model=llama3_8b_random hardware=h100 (batch 1), JSON into the output
 # Each step runs even when an earlier one failed; the exit status is 1 when any did. Without a GPU it says so
 # plainly and runs what needs none (the gpu tests then skip, and the bench is skipped).

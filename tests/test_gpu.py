@@ -1,5 +1,6 @@
 """The capture on CUDA (the torch path of spectra/capture/metrics.py) against eager float64 attention on the
-CPU, for tiny_llama and the real SmolLM2; skipped without a CUDA GPU. scripts/gpu_check.sh runs these.
+CPU, for tiny_llama and the real SmolLM2, and in bf16; skipped without a CUDA GPU. scripts/gpu_check.sh runs
+these.
 
     python -m pytest -m gpu tests/test_gpu.py
 
