@@ -39,7 +39,7 @@ from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import LoggerConfig, register_configs
 from spectra.config.secrets import check_arguments_for_secrets
 from spectra.config.validate import flags_first
-from spectra.errors import ConfigError, SpectraError, disk_fault, sigterm_as_interrupt
+from spectra.errors import ConfigError, SpectraError, ends_in_one_line, sigterm_as_interrupt
 from spectra.store.lock import FolderLock
 from spectra.store.writer import write_parquet_atomic
 from spectra.tracking.tracker import (
@@ -349,19 +349,9 @@ def analyze(cfg: DictConfig) -> list[Path]:
 
 
 def main(cfg: DictConfig) -> None:
-    try:
+    # Each output file is written whole or not at all, so running again is all it takes.
+    with ends_in_one_line(lambda: "free space, then run the same command again", lambda: "run the same command again"):
         analyze(cfg)
-    except SpectraError as error:
-        print(f"spectra: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:
-        if (fault := disk_fault(error)) is None:
-            raise
-        print(f"spectra: error: {fault}; free space, then run the same command again", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as stop:  # each output file is written whole or not at all
-        print(f"spectra: interrupted ({stop or 'SIGINT'}); run the same command again", file=sys.stderr)
-        sys.exit(130)
 
 
 def cli() -> None:

@@ -2,8 +2,9 @@
 
 import os
 import signal
+import sys
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 class SpectraError(Exception):
@@ -32,6 +33,26 @@ def disk_fault(error: BaseException) -> str | None:
             where = f" (writing {error.filename})" if error.filename else ""
             return what + where
     return None
+
+
+@contextmanager
+def ends_in_one_line(after_disk_fault: Callable[[], str], after_interrupt: Callable[[], str]) -> Iterator[None]:
+    """An entrypoint's body: a SpectraError, a full or read-only disk, or Ctrl-C / SIGTERM ends the process with one
+    'spectra:' line on stderr, status 2 (130 when interrupted), and for the last two what to do next. The advice is
+    asked for only then, since it may name a folder the body chose. Any other error is a bug and raises."""
+    try:
+        yield
+    except SpectraError as error:
+        print(f"spectra: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if (fault := disk_fault(error)) is None:
+            raise
+        print(f"spectra: error: {fault}; {after_disk_fault()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as stop:
+        print(f"spectra: interrupted ({stop or 'SIGINT'}); {after_interrupt()}", file=sys.stderr)
+        sys.exit(130)
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
 from spectra.data.shards import prepare
 from spectra.config.secrets import check_arguments_for_secrets
-from spectra.errors import ConfigError, SpectraError, disk_fault, sigterm_as_interrupt
+from spectra.errors import ConfigError, SpectraError, ends_in_one_line, sigterm_as_interrupt
 from spectra.models.loading import load_tokenizer, model_location
 
 register_configs()
@@ -49,23 +49,15 @@ def print_summary(manifest: dict, data_dir: str, built: bool) -> None:
 
 
 def main(cfg: DictConfig) -> None:
-    try:
+    # A fault leaves nothing behind: shards.prepare removes the half-built folder.
+    with ends_in_one_line(
+        lambda: "nothing was kept; free space, then run the same command",
+        lambda: "nothing was kept; run the same command again",
+    ):
         cfg = checked_config(cfg)
         if cfg.data.name != "slimpajama":
             raise ConfigError("data", f"is {cfg.data.name!r}; preparation needs data=slimpajama")
         manifest, built = prepare(cfg.data, tokenizer_for(cfg.model))
-    except SpectraError as error:
-        print(f"spectra: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:  # the half-built folder is already removed (shards.prepare)
-        if (fault := disk_fault(error)) is None:
-            raise
-        print(f"spectra: error: {fault}; nothing was kept; free space, then run the same command", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as stop:
-        print(f"spectra: interrupted ({stop or 'SIGINT'}); nothing was kept; run the same command again",
-              file=sys.stderr)  # fmt: skip
-        sys.exit(130)
     print_summary(manifest, cfg.data.data_dir, built)
 
 

@@ -45,7 +45,7 @@ from spectra.config.validate import (
     output_key,
     preflight,
 )
-from spectra.errors import SpectraError, disk_fault, sigterm_as_interrupt
+from spectra.errors import SpectraError, ends_in_one_line, sigterm_as_interrupt
 from spectra.launch.distributed import (
     World,
     gathered,
@@ -267,7 +267,12 @@ def record_config(out: Path, composed: DictConfig) -> None:
 def main(composed: DictConfig) -> None:
     """The run, once Hydra has composed its config (cli below)."""
     out = None
-    try:
+
+    def kept() -> str:  # asked for only on a fault, by when `out` may name the run directory
+        return f"the finished parts are kept; {resume_hint(out)}"
+
+    # Ctrl-C, or SIGTERM (sigterm_as_interrupt): parts in flight have landed before the line is printed.
+    with ends_in_one_line(kept, kept):
         with joined() as world:
             cfg = checked_config(composed)
             cfg.hardware.device = rank_device(cfg.hardware.device, world)
@@ -284,20 +289,6 @@ def main(composed: DictConfig) -> None:
                 with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
                     record = capture(cfg, out, world, tracker, plan)
                     tracker.log_results(record)
-    except SpectraError as error:
-        print(f"spectra: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:
-        if (fault := disk_fault(error)) is None:
-            raise
-        print(f"spectra: error: {fault}; the finished parts are kept; {resume_hint(out)}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (sigterm_as_interrupt); parts in flight have landed
-        print(
-            f"spectra: interrupted ({stop or 'SIGINT'}); the finished parts are kept; {resume_hint(out)}",
-            file=sys.stderr,
-        )
-        sys.exit(130)
     if world.is_main:
         print_summary(record)
 
