@@ -17,7 +17,6 @@ Reads top to bottom: check config -> load model -> load samples -> capture batch
 from __future__ import annotations
 
 import json
-import logging
 import platform
 import sys
 import time
@@ -257,11 +256,9 @@ def writer_lock(out: Path, cfg: DictConfig, world: World):
 
 
 def record_config(out: Path, composed: DictConfig) -> None:
-    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml) and run.log."""
+    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml). No run.log:
+    Spectra logs nothing (its summary is printed and kept in run.json), so a log file stayed empty."""
     write_config_record(out, composed, HydraConfig.get())
-    handler = logging.FileHandler(out / "run.log")
-    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(handler)
 
 
 def main(composed: DictConfig) -> None:
@@ -286,7 +283,10 @@ def main(composed: DictConfig) -> None:
                     return
                 if world.is_main:
                     record_config(out, composed)
-                with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
+                # A finished run's resume captures nothing, so it starts no W&B run; a resumed one continues its own.
+                finished = len(plan.resume.completed) == len(plan.samples) and plan.resume.previous_record
+                tracking = Tracker() if finished else start_tracker(cfg, out, world)
+                with tracking as tracker:  # finishes the W&B run even when capture fails
                     record = capture(cfg, out, world, tracker, plan)
                     tracker.log_results(record)
     if world.is_main:
