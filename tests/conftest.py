@@ -35,12 +35,17 @@ def pytest_cmdline_main(config):
             config.option.dist = "loadfile"  # a file's tests share one worker: its module fixtures run once
 
 
-# `-m quick`: about a minute on 2 cores, a test of every stage (capture, store, config, models, data, analysis,
-# tracking, launch): the capture against float64 attention, a tiny run end to end, validation, dry runs, statistics.
+# `-m quick`: a test of every stage (capture, store, config, models, data, analysis, tracking, launch) without the
+# real models or a process start: the capture against float64 attention, a tiny run end to end, validation, dry
+# runs, statistics. Names are file::test prefixes.
 QUICK = (
-    "test_metrics.py", "test_k_eff.py", "test_numerics.py", "test_part_encoding.py", "test_layout.py",
-    "test_capture.py", "test_analysis_statistics.py", "test_validation.py", "test_dry_run.py", "test_safety.py",
-    "test_run.py", "test_tracking.py::test_mode", "test_distributed.py::test_share", "test_distributed.py::test_rank",
+    "test_metrics.py", "test_numerics.py::test_counts", "test_part_encoding.py", "test_layout.py",
+    "test_k_eff.py::test_both_paths_equal_the_sort_definition_on_adversarial", "test_k_eff.py::test_key_ranges",
+    "test_capture.py::test_tiny_llama", "test_capture.py::test_pre_rope", "test_validation.py::test_bad_input",
+    "test_analysis_statistics.py::test_position_confound", "test_analysis_statistics.py::test_q_values",
+    "test_dry_run.py", "test_safety.py::test_environment", "test_run.py::test_run_directory_layout",
+    "test_run.py::test_written_values", "test_run.py::test_bad_values", "test_tracking.py::test_mode",
+    "test_distributed.py::test_share", "test_distributed.py::test_rank",
 )  # fmt: skip
 
 
