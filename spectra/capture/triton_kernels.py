@@ -59,7 +59,8 @@ import triton.language as tl
 BLOCK_M = 32  # rows (query, group head) per program
 BLOCK_N = 32  # keys per tile
 LEVELS = 16  # columns of the narrowing pass: "p > 0" and LEVELS - 1 levels spanning the bracket
-CANDIDATES = 64  # values a bracket may hold when it is sorted
+CANDIDATES = 64  # values a bracket may hold when its prefixes are formed
+CHUNK = 4  # candidates compared with all the others at a time
 # 14 intervals per pass: 10 passes cover the 2^30 float bit patterns from 2^-29 to 2 even after one restart.
 NARROW_PASSES = 10
 MIN_SHIFTED_SCORE = -87.0  # cpu_kernels.MIN_SHIFTED_SCORE
@@ -107,7 +108,7 @@ def attention_metrics_kernel(
     T, D, H, KV, G, n_rows, scale, softcap, window, threshold,
     HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
     WRITE_PROBS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    LEVELS: tl.constexpr, CANDIDATES: tl.constexpr, NARROW_PASSES: tl.constexpr,
+    LEVELS: tl.constexpr, CANDIDATES: tl.constexpr, CHUNK: tl.constexpr, NARROW_PASSES: tl.constexpr,
 ):
     """Grid (cdiv(G*T, BLOCK_M), B*KV). out (6, B*H*T) float32 (OUT_FIELDS), k_eff and flag (B*H*T,) int32,
     scratch (B*H*T, CANDIDATES) float32; WRITE_PROBS: probs (n, T) float32 gets p of rows whose slot >= 0."""
@@ -295,14 +296,17 @@ def attention_metrics_kernel(
             held = few[:, None] & (cand_cols[None, :] < n_bracket[:, None])
             candidates = tl.load(scratch + cand_cols[None, :], mask=held, other=0.0)
             # Candidate i's prefix in the descending order: itself and every j larger, or equal and before it. The
-            # sums are exact, so no sort is needed (tl.sort, a bitonic network, also takes ~20 s per program in
-            # the interpreter); the n prefixes formed are the reference's n prefixes.
+            # sums are exact, so no sort is needed (tl.sort, a bitonic network, takes ~20 s per program in the
+            # interpreter); the n prefixes formed are the reference's n prefixes.
             prefix = tl.zeros([BLOCK_M, CANDIDATES], tl.float64)
+            chunk_cols = tl.arange(0, CHUNK)
             most = tl.max(tl.where(few, n_bracket, 0), axis=0)
-            for j in range(0, most):
-                c_j = tl.load(scratch_ptr + out_row.to(tl.int64) * CANDIDATES + j, mask=few & (j < n_bracket), other=0.0)
-                before = (c_j[:, None] > candidates) | ((c_j[:, None] == candidates) & (j <= cand_cols[None, :]))
-                prefix += tl.where(before, c_j.to(tl.float64)[:, None], 0.0)
+            for j in range(0, most, CHUNK):  # CHUNK candidates j.. against all, (M, CHUNK, CANDIDATES) at a time
+                c_j = tl.load(scratch + j + chunk_cols[None, :], mask=few[:, None] & (j + chunk_cols[None, :] < n_bracket[:, None]), other=0.0)
+                before = (c_j[:, :, None] > candidates[:, None, :]) | (
+                    (c_j[:, :, None] == candidates[:, None, :]) & (j + chunk_cols[None, :, None] <= cand_cols[None, None, :])
+                )
+                prefix += tl.sum(tl.where(before, c_j.to(tl.float64)[:, :, None], 0.0), axis=1)
             prefix += above[:, None]
             short_prefixes = tl.sum((held & (prefix.to(tl.float32) < threshold)).to(tl.int32), axis=1)
             k_eff = tl.where(few, n_above + short_prefixes + 1, k_eff)

@@ -23,10 +23,11 @@ UNDECIDED_POSSIBLE_THRESHOLD = 1.0 - 2.0**-9
 UNDECIDED_POSSIBLE_KEYS = 2**16
 
 
-def tile_sizes() -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for this launch. The interpreter pays per operation, not per element: larger tiles,
-    fewer operations. On a GPU, smaller ones keep the narrowing pass's (M, N, LEVELS) tensors in registers."""
-    return (64, 64) if interpreted() else (kernels.BLOCK_M, kernels.BLOCK_N)
+def tile_sizes() -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, CHUNK) for this launch. The interpreter pays per operation, not per element: larger
+    tiles, fewer operations. On a GPU, smaller ones keep the narrowing pass's (M, N, LEVELS) tensors and the
+    candidates' (M, CHUNK, CANDIDATES) comparisons in registers."""
+    return (64, 64, kernels.CANDIDATES) if interpreted() else (kernels.BLOCK_M, kernels.BLOCK_N, kernels.CHUNK)
 
 
 def interpreted() -> bool:
@@ -78,7 +79,7 @@ def _launch(query, key, scaling, threshold, allowed, softcap, sliding_window, wr
     else:
         out = k_eff = flag = scratch = write_probs  # unused in this mode
         probs = write_probs
-    block_m, block_n = tile_sizes()
+    block_m, block_n, chunk = tile_sizes()
     grid = (triton.cdiv(groups * seq_len, block_m), batch * kv_heads)
     kernels.attention_metrics_kernel[grid](
         q, k, mask, out, k_eff, flag, scratch, probs, slots,
@@ -90,7 +91,7 @@ def _launch(query, key, scaling, threshold, allowed, softcap, sliding_window, wr
         HAS_SOFTCAP=softcap is not None, HAS_WINDOW=sliding_window is not None, HAS_MASK=allowed is not None,
         PRECISION=precision, WRITE_PROBS=write_probs is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        LEVELS=kernels.LEVELS, CANDIDATES=kernels.CANDIDATES, NARROW_PASSES=kernels.NARROW_PASSES,
+        LEVELS=kernels.LEVELS, CANDIDATES=kernels.CANDIDATES, CHUNK=chunk, NARROW_PASSES=kernels.NARROW_PASSES,
     )  # fmt: skip
     return out, k_eff, flag
 
