@@ -63,9 +63,9 @@ CANDIDATES = 64  # values a bracket may hold when its prefixes are formed
 CHUNK = 4  # candidates compared with all the others at a time
 # 14 intervals per pass: 10 passes cover the 2^30 float bit patterns from 2^-29 to 2 even after one restart.
 NARROW_PASSES = 10
-MIN_SHIFTED_SCORE = -87.0  # cpu_kernels.MIN_SHIFTED_SCORE
-EXACT_BITS = 0x30000000  # float32 bits of 2^-29: float64 sums of floats >= this are exact (below 2)
-INF_BITS = 0x7F800000
+# Globals a compiled kernel reads must be constexpr. -87: cpu_kernels.MIN_SHIFTED_SCORE, written out in the kernel.
+EXACT_BITS = tl.constexpr(0x30000000)  # float32 bits of 2^-29: float64 sums of floats >= this are exact (below 2)
+INF_BITS = tl.constexpr(0x7F800000)
 OUT_FIELDS = ("entropy", "max_attn", "sink_attn", "attn_distance", "max_logit", "lse")  # rows of `out`
 
 
@@ -181,19 +181,18 @@ def attention_metrics_kernel(
                 tl.store(probs_ptr + slot[:, None].to(tl.int64) * T + keys[None, :], p,
                          mask=(slot[:, None] >= 0) & (keys[None, :] < T))
     else:
-        nan = float("nan")
         z_safe = tl.where(has_mass, z_sum, 1.0)  # no 0 / 0 (nor the interpreter's warnings) for empty rows
-        entropy = tl.where(has_mass, tl.maximum(log_z - ez_sum / z_safe, 0.0), nan)
+        entropy = tl.where(has_mass, tl.maximum(log_z - ez_sum / z_safe, 0.0), float("nan"))
         max_attn = tl.exp(-log_z)
         sink = tl.where(s0 > float("-inf"), tl.exp(tl.maximum(s0 - m, -87.0) - log_z), 0.0)
-        distance = tl.where(has_mass, q_pos.to(tl.float32) - ej_sum / z_safe, nan)
+        distance = tl.where(has_mass, q_pos.to(tl.float32) - ej_sum / z_safe, float("nan"))
         out = out_ptr + out_row
-        tl.store(out + 0 * n_rows, tl.where(bad, nan, entropy), mask=row_ok)
-        tl.store(out + 1 * n_rows, tl.where(bad, nan, max_attn), mask=row_ok)
-        tl.store(out + 2 * n_rows, tl.where(bad, nan, sink), mask=row_ok)
-        tl.store(out + 3 * n_rows, tl.where(bad, nan, distance), mask=row_ok)
-        tl.store(out + 4 * n_rows, tl.where(bad, nan, m), mask=row_ok)
-        tl.store(out + 5 * n_rows, tl.where(bad, nan, m + log_z), mask=row_ok)
+        tl.store(out + 0 * n_rows, tl.where(bad, float("nan"), entropy), mask=row_ok)
+        tl.store(out + 1 * n_rows, tl.where(bad, float("nan"), max_attn), mask=row_ok)
+        tl.store(out + 2 * n_rows, tl.where(bad, float("nan"), sink), mask=row_ok)
+        tl.store(out + 3 * n_rows, tl.where(bad, float("nan"), distance), mask=row_ok)
+        tl.store(out + 4 * n_rows, tl.where(bad, float("nan"), m), mask=row_ok)
+        tl.store(out + 5 * n_rows, tl.where(bad, float("nan"), m + log_z), mask=row_ok)
 
         # k_eff: narrowing passes over the same tiles.
         cols = tl.arange(0, LEVELS)

@@ -92,6 +92,10 @@ def _launch(query, key, scaling, threshold, allowed, softcap, sliding_window, wr
         PRECISION=precision, WRITE_PROBS=write_probs is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         LEVELS=kernels.LEVELS, CANDIDATES=kernels.CANDIDATES, CHUNK=chunk, NARROW_PASSES=kernels.NARROW_PASSES,
+        num_warps=8,  # the narrowing pass's (M, N, LEVELS) float64 sums spread over more threads
+        # No fused multiply-adds: the compiler could contract scale * (q . k) - m in one pass and not in another,
+        # and every pass must compute the same p bit for bit.
+        enable_fp_fusion=False,
     )  # fmt: skip
     return out, k_eff, flag
 
