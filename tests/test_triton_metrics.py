@@ -19,12 +19,14 @@ from test_architectures import assert_matches_reference as assert_matches_eager
 from test_architectures import eager_reference, input_ids, tiny_config, tiny_model
 from test_fast_metrics import THRESHOLDS, adversarial_rows
 
-from spectra.capture import metrics, triton_metrics
-from spectra.capture.triton_kernels import CANDIDATES
-from spectra.capture.hook import AttentionCapture
-from spectra.capture.metrics import attention_metrics, k_eff_from_probs
-from spectra.config.schema import checked_config
-from spectra.errors import ConfigError
+pytest.importorskip("triton")  # scripts/setup.sh installs it; without it, metrics_kernel=triton is refused
+
+from spectra.capture import metrics, triton_metrics  # noqa: E402
+from spectra.capture.triton_kernels import CANDIDATES  # noqa: E402
+from spectra.capture.hook import AttentionCapture  # noqa: E402
+from spectra.capture.metrics import attention_metrics, k_eff_from_probs  # noqa: E402
+from spectra.config.schema import checked_config  # noqa: E402
+from spectra.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and not triton_metrics.interpreted(), reason="no GPU and no TRITON_INTERPRET=1"
@@ -119,19 +121,22 @@ def test_real_smollm2_rows(smollm2, monkeypatch):
         np.testing.assert_array_equal(got["k_eff"].numpy()[clear], reference["k_eff"][clear])
 
 
+def architecture_config(arch: str) -> transformers.PretrainedConfig:
+    """test_architectures' tiny configs, and a tiny Gemma 3: QK-norm, a 7-token window on layer 0, GQA."""
+    if arch != "gemma3":
+        return tiny_config(arch)
+    return transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, initializer_range=0.3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=7, query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3"])
 def test_capture_with_the_triton_kernel_matches_eager_float64(arch, monkeypatch):
     """Sliding windows (mistral: from the mask SDPA gets), soft-capping with windows (gemma2), QK-norm (gemma3),
     GQA, every metric against float64 eager attention of the same weights."""
-    if arch == "gemma3":
-        config = transformers.Gemma3TextConfig(
-            vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, initializer_range=0.3,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=7, query_pre_attn_scalar=16,
-            layer_types=["sliding_attention", "full_attention"],
-        )  # fmt: skip
-    else:
-        config = tiny_config(arch)
-    model, ids = tiny_model(config), input_ids()
+    model, ids = tiny_model(architecture_config(arch)), input_ids()
     with AttentionCapture(model, k_eff_threshold=0.9, extended=True, metrics_kernel="triton") as capture:
         got = capture.run(ids)
     assert_matches_eager(got, eager_reference(model, ids, monkeypatch))
