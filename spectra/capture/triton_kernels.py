@@ -13,8 +13,9 @@ for float32 models; TF32 only for bf16 inputs, whose 8-bit mantissas TF32 holds 
 softcap * tanh(s / softcap), then visibility: causal j <= t, a sliding window t - j < window, and the model's
 mask when one is given. One program takes BLOCK_M rows of one (sample, KV head): rows are (query, head of the
 KV group) pairs, query-major, so a group's query heads share every key tile (grouped-query attention without
-repeating keys). Every pass walks the same BLOCK_N-aligned key tiles with the same q tile, so each pass
-recomputes bit-identical scores, hence bit-identical p.
+repeating keys). Every pass walks the same BLOCK_N-aligned key tiles with the same q tile and the launcher turns
+FP fusion off, so each pass recomputes bit-identical scores, hence bit-identical p. (The tile sizes are a launch
+parameter: the launcher picks larger ones for the interpreter, which pays per operation, not per element.)
 
 Pass 1 (online softmax, as FlashAttention): per key tile, m' = max(m, max_j s_j), a = e^(m - m'), and with
 z_j = max(s_j - m', -87) (the other paths' clamp: every visible key keeps p > 0 and exp stays normal)
@@ -55,7 +56,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# One tile configuration for every pass (bit-identical scores need it).
+# One tile configuration for every pass of a launch (bit-identical scores need it); these are the GPU's.
 BLOCK_M = 32  # rows (query, group head) per program
 BLOCK_N = 32  # keys per tile
 LEVELS = 16  # columns of the narrowing pass: "p > 0" and LEVELS - 1 levels spanning the bracket
