@@ -97,7 +97,9 @@ def _tile(q, k_base, stride_kt, stride_kd, mask_base, stride_mt, stride_ms, q_po
         allowed = tl.load(mask_base + q_pos[:, None] * stride_mt + keys[None, :] * stride_ms,
                           mask=visible, other=0)
         visible = visible & (allowed != 0)
-    p = tl.where(visible, tl.exp(tl.maximum(s - m[:, None], -87.0) - log_z[:, None]), 0.0)
+    # Hidden keys enter exp as -87 (not s - m, which may overflow there) and leave as 0.
+    z = tl.maximum(tl.where(visible, s, float("-inf")) - m[:, None], -87.0)
+    p = tl.where(visible, tl.exp(z - log_z[:, None]), 0.0)
     return s, visible, p
 
 
@@ -141,11 +143,13 @@ def attention_metrics_kernel(
     n_visible = tl.zeros([BLOCK_M], tl.int32)
     n_nan = tl.zeros([BLOCK_M], tl.int32)
     s0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    # p is not used in pass 1 (the compiler drops it); m = +inf keeps the interpreter's exp from overflowing there.
+    no_m = tl.full([BLOCK_M], float("inf"), tl.float32)
     no_log_z = tl.zeros([BLOCK_M], tl.float32)
     for key_start in range(key_begin, key_end, BLOCK_N):
         s, visible, _ = _tile(
             q, k_base, stride_kt, stride_kd, mask_base, stride_mt, stride_ms, q_pos, row_ok, key_start,
-            T, D, scale, softcap, window, m, no_log_z,
+            T, D, scale, softcap, window, no_m, no_log_z,
             HAS_SOFTCAP, HAS_WINDOW, HAS_MASK, PRECISION, BLOCK_N, BLOCK_D,
         )
         keys = key_start + tl.arange(0, BLOCK_N)
