@@ -152,6 +152,10 @@ def sweep_lines(comparison: pl.DataFrame, x: str, others: Sequence[str], value: 
     """comparison: rows (run, <x>, <others>..., layer, <value>). value vs x, one line per layer; one panel per
     combination of the other swept keys, named in its title, so runs that differ in more than x never share a
     line."""
+    # partial_r_<y>: the layer's median over heads of query_norm's position-controlled r with y.
+    label = f"median partial r, query_norm vs {value.removeprefix('partial_r_')}" if value.startswith("partial_r_") else (
+        f"mean {value}"
+    )
     panels_of = comparison.select(others).unique(maintain_order=True).rows() if others else [()]
     columns = min(len(panels_of), 3)
     rows_count = -(-len(panels_of) // columns)
@@ -175,10 +179,10 @@ def sweep_lines(comparison: pl.DataFrame, x: str, others: Sequence[str], value: 
         if not numeric:
             axes.set_xticks(range(len(ticks)), [str(t) for t in ticks], rotation=30, ha="right")
         axes.set_xlabel(x)
-        axes.set_ylabel(f"mean {value}")
-        axes.set_title(", ".join(f"{k}={v}" for k, v in zip(others, combination)) or f"mean {value} per layer",
+        axes.set_ylabel(label)
+        axes.set_title(", ".join(f"{k}={v}" for k, v in zip(others, combination)) or f"{label} per layer",
                        fontsize="small")  # fmt: skip
         if len(layers) <= 12:
             axes.legend(fontsize="x-small")
-    figure.suptitle(f"mean {value} per layer across runs, x = {x}")
+    figure.suptitle(f"{label} per layer across runs, x = {x}")
     return save(figure, path)

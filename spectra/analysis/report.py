@@ -190,7 +190,7 @@ def settings_table(a: RunAnalysis, cfg) -> pl.DataFrame:
         ("tokens per head", samples * (context - cfg.skip_positions) if samples and context else None,
          "S x (T - skip_positions)"),
         ("positions left out", f"t < {cfg.skip_positions}", "skip_positions"),
-        ("bootstrap", f"{cfg.bootstrap} resamples of whole samples", "bootstrap"),
+        ("bootstrap", f"{cfg.bootstrap:,} resamples of whole samples", "bootstrap"),
         ("seed", cfg.seed, "seed"),
         ("significance", f"q < {Q_LEVEL} (Benjamini-Hochberg per metric)", ""),
     ]  # fmt: skip
@@ -369,7 +369,14 @@ def write_sweep_report(
 ) -> Path:
     lines = [f"# Spectra comparison of {len(analyses)} runs", ""]
     lines += [f"- [{a.label}]({relative(a.out / 'report.md', path.parent)}): `{a.run}`" for a in analyses]
-    lines += ["", "## Per-layer means by run (`comparison.parquet`)", "", markdown_table(comparison)]
+    lines += ["", "## Does query norm predict each metric? (per run)", ""]
+    for a in analyses:
+        if a.headline is not None and a.headline.height:
+            lines += [f"{a.label}:", "", *[f"- {headline_sentence(row)}" for row in a.headline.iter_rows(named=True)]]
+            lines += [f"- warning: {w.split('**')[1]}" for w in run_warnings(a)] + [""]
+    lines += ["## Per-layer values by run (`comparison.parquet`)", "",
+              "Means over tokens t >= skip_positions; `partial_r_<y>`: median over the layer's heads of the "
+              "position-controlled r; `spearman_r_<y>`: the token-level r, for comparison.", "", markdown_table(comparison)]  # fmt: skip
     lines += ["", "## Figures", "", *figure_links(figures, path.parent), ""]
     path.write_text("\n".join(lines))
     return path
