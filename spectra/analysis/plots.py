@@ -46,8 +46,7 @@ def layer_head_grid(table: pl.DataFrame, value: str) -> np.ndarray:
 
 def draw_grid(figure, axes, grid: np.ndarray, label: str, title: str, diverging: bool):
     """One layer x head panel; a NaN cell (no value) shows grey, never as a colour of the scale."""
-    cmap = plt.get_cmap("RdBu_r" if diverging else "viridis").copy()
-    cmap.set_bad("0.75")
+    cmap = plt.get_cmap("RdBu_r" if diverging else "viridis").with_extremes(bad="0.75")
     limits = {"vmin": -1, "vmax": 1} if diverging else {}
     image = axes.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", cmap=cmap, **limits)
     figure.colorbar(image, ax=axes, label=label)
