@@ -36,6 +36,7 @@ from spectra.store.manifest import write_text_atomic
 
 TOKEN_VALUES = 2_500_000  # float32 values of token rows in the page (10 MB, 13 MB as base64)
 PROFILE_POINTS = 128  # position bins per head profile
+ROWS_PER_PASS = 4_000_000  # metric rows ranked at once for the residual ranks (~0.3 GB), whatever the run's size
 RESIDUALS = ("query_norm", "entropy")  # the scatter's axes, as residual ranks
 PARTIAL = ("partial_r", "partial_ci_low", "partial_ci_high", "partial_q")
 PAGE = "explorer_page.html"  # the page's HTML, CSS and JavaScript, shipped beside this module
@@ -94,19 +95,21 @@ def float32_base64(values: np.ndarray) -> str:
 
 def token_rows(
     lf: pl.LazyFrame, windows, skip_positions: int, sample_ids: list[int], positions: int, layers: list[int],
-    heads: int,
+    heads: int, layer_rows: int,
 ) -> dict[str, np.ndarray]:  # fmt: skip
     """Every metric, ratio and residual rank of the shown samples' first `positions` tokens, as float32 arrays
     indexed ((sample, layer, head), position) in the order of sample_ids and layers; NaN where a row is missing
-    or a value undefined (ratios at t = 0, residuals at t < skip_positions)."""
+    or a value undefined (ratios at t = 0, residuals at t < skip_positions). layer_rows: a layer's rows in the run."""
     shown = (pl.col("sample_id").is_in(sample_ids)) & (pl.col("token_pos") < positions)
     keys = ["sample_id", "layer", "head", "token_pos"]
-    frames = []
-    for layer in layers:  # one layer's rows at a time: ranks need all of a head's rows, every sample's
-        rows = lf.filter(pl.col("layer") == layer)
-        residuals = residual_ranks(rows, skip_positions).filter(shown)
-        frames.append(with_ratios(rows.filter(shown), windows).join(residuals, on=keys, how="left").collect())
-    frame = pl.concat(frames)
+    frame = with_ratios(lf.filter(shown), windows).collect(engine="streaming")
+    # Ranks need all of a head's rows, every sample's: as many layers at a time as ROWS_PER_PASS allows.
+    step = max(1, ROWS_PER_PASS // max(layer_rows, 1))
+    residuals = [
+        residual_ranks(lf.filter(pl.col("layer").is_in(layers[i : i + step])), skip_positions).filter(shown).collect()
+        for i in range(0, len(layers), step)
+    ]
+    frame = frame.join(pl.concat(residuals), on=keys, how="left")
     sample_index = {s: i for i, s in enumerate(sample_ids)}
     layer_index = {layer: i for i, layer in enumerate(layers)}
     s = frame["sample_id"].replace_strict(sample_index, return_dtype=pl.Int64).to_numpy()
@@ -208,12 +211,13 @@ def page_data(run: Path, out: Path, lf: pl.LazyFrame, record: dict, label: str, 
     embedded = len(metrics) + len(RESIDUALS)
     samples, shown_positions = shown_window(len(all_samples), positions, len(layers) * heads * embedded, TOKEN_VALUES)
     sample_ids = all_samples[:samples]
-    values = token_rows(lf, windows, skip_positions, sample_ids, shown_positions, layers, heads)
+    layer_rows = len(all_samples) * positions * heads
+    values = token_rows(lf, windows, skip_positions, sample_ids, shown_positions, layers, heads, layer_rows)
     centres, profile = profiles(lf, windows, metrics, layers, heads, positions)
     grid = pl.DataFrame({"layer": np.repeat(layers, heads), "head": np.tile(np.arange(heads), len(layers))})
     table = grid.join(table.cast({"layer": pl.Int64, "head": pl.Int64}), on=["layer", "head"], how="left")
     top = pl.read_parquet(out / "top_tokens.parquet") if (out / "top_tokens.parquet").is_file() else None
-    rows_total = len(all_samples) * positions * len(layers) * heads
+    rows_total = layer_rows * len(layers)
     return {
         "title": describe(record, label),
         "layers": layers,
