@@ -126,6 +126,15 @@ def test_token_rows_stay_within_the_budget(run, monkeypatch, tmp_path):
     assert "samples 0 of 3, positions 0-19 of 32: 320 of 1,536 rows" in data["bounds"]
 
 
+def test_token_text_cannot_break_out_of_the_page():
+    data = {"tokens": [["</script>", "<!--<script>", "{{SIZE}}", "/*DATA*/", "\u2028"]], "n": None}
+    page = explorer.render(data)
+    assert embedded(page) == data
+    template = explorer.page_template()
+    assert page.count("</script>") == template.count("</script>")  # only the page's own elements end
+    assert "This file: {{SIZE}}" not in page and page.count("{{SIZE}}") == 1  # the header's filled, the token kept
+
+
 def cell_centre(page, layer: int, head: int) -> tuple[float, float]:
     """Where the heatmap draws (layer, head), in the page's pixels (plotly's axis mapping)."""
     return tuple(page.evaluate(f"""(() => {{

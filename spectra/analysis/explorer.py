@@ -239,8 +239,9 @@ def page_data(run: Path, out: Path, lf: pl.LazyFrame, record: dict, label: str, 
         "values": {name: float32_base64(array) for name, array in values.items()},
         "profile_positions": centres,
         "profiles": {name: float32_base64(array) for name, array in profile.items()},
+        # fill_nan: a non-finite value kept by run.on_nonfinite=record (JSON has no NaN).
         "top_tokens": [] if top is None else top.select(
-            "layer", "highlight", "rank", "sample_id", "token_pos", "value", "context"
+            "layer", "highlight", "rank", "sample_id", "token_pos", pl.col("value").fill_nan(None), "context"
         ).to_dicts(),  # fmt: skip
     }
 
@@ -253,8 +254,9 @@ def render(data: dict) -> str:
     """The page: template, plotly.js and data inlined; the stated size is the file's own."""
     from plotly.offline import get_plotlyjs
 
-    # JSON inside <script>: "</" would end the element early (a token's text may hold "</script>").
-    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # JSON inside <script>: a token's "</script>" or "<!--" would end or derail the element; "<" occurs only
+    # inside JSON strings, where \u003c reads back the same.
+    payload = json.dumps(data, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     # Split, not replace: a token's text or plotly.js must not be taken for a placeholder.
     top, rest = page_template().split("/*PLOTLY_JS*/")
     middle, bottom = rest.split("/*DATA*/")
