@@ -9,7 +9,8 @@
 
 Per run it writes, under <run>/analysis/ (or output_dir): heads.parquet, correlations.parquet (token-level and
 position-controlled, with bootstrap intervals over samples and q-values), positions.parquet, tokens.parquet and
-top_tokens.parquet (token text, when the run's tokenizer loads), figures/*.png, report.md, duckdb_views.sql
+top_tokens.parquet (token text, when the run's tokenizer loads), figures/*.png, report.md, explorer.html
+(analysis/explorer.py: the metrics on the text, head by head, one offline page), duckdb_views.sql
 (python -m spectra.sql <run>), and with export=csv metrics.csv. Several runs add comparison.parquet,
 a figure and report.md in the sweep folder's analysis/ (or output_dir). Reads top to bottom: check config ->
 find runs -> per run: statistics -> tables -> figures -> report -> exports; then the comparison; then W&B.
@@ -29,7 +30,7 @@ import polars as pl
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from spectra.analysis import head_stats, plots, report
+from spectra.analysis import explorer, head_stats, plots, report
 from spectra.analysis.controlled import headline, position_controlled, position_residual_ranks, with_q_values
 from spectra.analysis.exports import VIEWS_FILE, ViewSource, duckdb_views, export_csv
 from spectra.analysis.runs import (
@@ -235,6 +236,8 @@ def _analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalys
     if top is not None:
         written |= {out / "tokens.parquet", out / "top_tokens.parquet"}
     remove_stale(out, written)
+    # After remove_stale: the page reads tokens.parquet and top_tokens.parquet only when this analysis wrote them.
+    explorer.write_explorer(run, out, lf, record, label, cfg.skip_positions)
     return analysis
 
 
@@ -299,6 +302,9 @@ def log_to_wandb(
                 f"{prefix}heads": wandb.Table(dataframe=a.heads.to_pandas()),
                 f"{prefix}correlations": wandb.Table(dataframe=a.correlations.to_pandas()),
                 **{f"{prefix}figures/{path.stem}": wandb.Image(str(path)) for path in a.figures},
+                # The explorer's per-head and top-token tables: explorer_heads, top_tokens.
+                **{f"{prefix}{name}": wandb.Table(dataframe=t.to_pandas())
+                   for name, t in explorer.tables(a.out).items()},
             })  # fmt: skip
             top = head_stats.strongest_heads(a.correlations, "entropy", 1, "partial_r")
             if top.height:
