@@ -38,7 +38,7 @@ from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
 from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import LoggerConfig, register_configs
 from spectra.config.secrets import check_arguments_for_secrets
-from spectra.config.validate import flags_first
+from spectra.config.command_line import flags_first
 from spectra.errors import ConfigError, SpectraError, ends_in_one_line, sigterm_as_interrupt
 from spectra.store.lock import FolderLock
 from spectra.store.writer import write_parquet_atomic

@@ -37,14 +37,9 @@ from spectra.capture.hook import AttentionCapture, metrics_to_host
 from spectra.capture.numerics import NumericsGuard, nonfinite_summary
 from spectra.config.paths import config_dir, hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
-from spectra.config.validate import (
-    Plan,
-    check_command_line,
-    dry_run_report,
-    flags_first,
-    output_key,
-    preflight,
-)
+from spectra.config.command_line import check_command_line, flags_first
+from spectra.config.dry_run import dry_run_report
+from spectra.config.plan import Plan, output_key, preflight
 from spectra.errors import SpectraError, ends_in_one_line, sigterm_as_interrupt
 from spectra.launch.distributed import (
     World,
