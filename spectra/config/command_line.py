@@ -18,7 +18,7 @@ from hydra.errors import (
 )
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from spectra.config.plan import check_writable, output_key
+from spectra.config.plan import check_name_lengths, check_writable, output_key
 from spectra.config.schema import checked_config
 from spectra.config.secrets import check_no_secrets
 from spectra.errors import ConfigError, SpectraError
@@ -85,30 +85,32 @@ def flags_first(argv: list[str]) -> list[str]:
     return argv
 
 
-def check_command_line(argv: list[str], conf_dir: str) -> None:
-    """Compose the config as `hydra.main` will and check it; raises SpectraError with one line.
+def check_command_line(argv: list[str], conf_dir: str) -> list[tuple[DictConfig, Path]]:
+    """Compose the config as `hydra.main` will and check it; raises SpectraError with one line. Returns each job's
+    checked config and run folder (none for Hydra's own flags: --help, --cfg, ...).
 
     With -m, every point of the sweep is composed and checked (config, model, run folder) before the first job
     starts, so that a bad point in the middle does not stop a sweep half done."""
     args = hydra_parser().parse_args(argv)
     check_no_secrets(args.overrides)  # before anything else: even a help screen must not echo a credential
     if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):
-        return
+        return []
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         if not args.multirun:
-            check_job(_composed(args.overrides))
-            return
+            return [check_job(compose_job(args.overrides))]
         jobs = sweep_jobs(args.overrides)
         values: dict[str, set[str]] = {}  # key -> the overrides of it across jobs; swept keys have several
         for override in (o for job in jobs for o in job):
             values.setdefault(override.partition("=")[0], set()).add(override)
         models: dict = {}  # model configs read once per model, not once per point
+        checked = []
         for number, job in enumerate(jobs):
             try:
-                check_job(_composed(job), number, models)
+                checked.append(check_job(compose_job(job), number, models))
             except SpectraError as error:
                 point = " ".join(o for o in job if len(values[o.partition("=")[0]]) > 1)
                 raise SpectraError(f"sweep job {number} ({point}): {error}; no job was started") from None
+        return checked
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -138,10 +140,10 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
         return [list(overrides)]
 
 
-def _composed(overrides: list[str]) -> DictConfig:
+def compose_job(overrides: list[str], config_name: str = "config") -> DictConfig:
     """One job's config with its hydra node; Hydra's errors become one line naming the key."""
     try:
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        return compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except MissingConfigException as error:
         group, _, name = (error.missing_cfg_file or "config/?").rpartition("/")
         options = [o for o in error.options or [] if not o.startswith("base_")]
@@ -152,13 +154,14 @@ def _composed(overrides: list[str]) -> DictConfig:
         cause = error.__cause__
         key = getattr(cause, "full_key", None)
         if key and "not in" in str(cause):
-            raise ConfigError(key, "no such key; `python -m spectra.run --cfg job` lists them all") from None
+            program = "spectra.run" if config_name == "config" else f"spectra.{config_name}"
+            raise ConfigError(key, f"no such key; `python -m {program} --cfg job` lists them all") from None
         if key:
             raise ConfigError(key, str(cause).splitlines()[0]) from None
         raise SpectraError("; ".join(line.strip() for line in str(error).splitlines() if line.strip())) from None
 
 
-def check_job(composed: DictConfig, number: int | None = None, models: dict | None = None) -> None:
+def check_job(composed: DictConfig, number: int | None = None, models: dict | None = None) -> tuple[DictConfig, Path]:
     """One run's config, its run folder, and (for a sweep's jobs) its model's config and context length."""
     job = OmegaConf.to_container(composed)
     job.pop("hydra")
@@ -172,8 +175,11 @@ def check_job(composed: DictConfig, number: int | None = None, models: dict | No
             composed.hydra.job.num = number
         out = Path(cfg.run.output_dir or Path(composed.hydra.sweep.dir) / composed.hydra.sweep.subdir)
         check_model(cfg, models)
-    check_writable(out, output_key(cfg))
+    key = output_key(cfg, sweep=number is not None)
+    check_name_lengths(out, key)
+    check_writable(out, key)
     # Before Hydra starts: a process writing there now, another run there, or one to resume with other settings.
-    FolderLock(out, output_key(cfg)).check_free()
-    inspect_run_directory(out, fingerprint(cfg), cfg.run.resume, output_key(cfg))
+    FolderLock(out, key).check_free()
+    inspect_run_directory(out, fingerprint(cfg), cfg.run.resume, key)
+    return cfg, out
 

@@ -8,6 +8,9 @@ model.architecture), whether its attention reaches Spectra's capture function, t
 from __future__ import annotations
 
 import json
+import math
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,6 +22,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from spectra.errors import ConfigError, SpectraError
 from spectra.models.loading import config_shape, model_location, resolve_device
+
+# Shape fields every attention model declares; each must be a whole number >= 1 (config_shape divides by heads).
+SHAPE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
+                "vocab_size", "max_position_embeddings")  # fmt: skip
+# What a damaged config file or GGUF header raises while transformers parses it (struct.error: a GGUF cut short).
+# StrictDataclassError: a field of the wrong type (rms_norm_eps given as a string).
+UNREADABLE = (OSError, ValueError, EOFError, KeyError, IndexError, TypeError, struct.error, StrictDataclassError)
+
 
 def _location_key(model_cfg: DictConfig) -> str:
     return "model.path" if model_cfg.path else "model.package" if model_cfg.package else "model.name_or_path"
@@ -56,6 +67,22 @@ def check_checkpoint_files(directory: Path, model_cfg: DictConfig) -> None:
             )
     for weights in sorted(directory.glob("*.safetensors")):
         check_safetensors_size(weights)
+    for weights in sorted(directory.glob("*.bin")):
+        check_torch_archive(weights)
+
+
+def check_torch_archive(path: Path) -> None:
+    """A cut-short pytorch_model.bin: torch.save writes a zip archive, whose directory sits at the end of the file,
+    so a truncated copy has none; found from the file's last bytes, before any weight is read. (A file in torch's
+    legacy pre-zip format does not start with 'PK' and is left to torch.)"""
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"PK":
+            return
+    try:
+        with zipfile.ZipFile(path):
+            pass
+    except (zipfile.BadZipFile, OSError) as error:
+        raise SpectraError(f"{path}: truncated or damaged ({error}); copy the checkpoint again") from None
 
 
 def read_json(path: Path) -> dict:
@@ -97,9 +124,13 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
                 "model.architecture.model_type",
                 f"{architecture['model_type']!r} is not a model type transformers knows (e.g. llama, mistral)",
             )
+        for name in SHAPE_FIELDS:  # before transformers divides by them
+            value = architecture.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"model.architecture.{name}", f"must be a whole number >= 1, got {value!r}")
         try:
             return AutoConfig.for_model(**architecture), None
-        except (TypeError, ValueError, StrictDataclassError) as error:  # a field of the wrong type or value
+        except (TypeError, ValueError, StrictDataclassError, ArithmeticError) as error:  # a wrong type or value
             message = " ".join(str(error).split())
             raise ConfigError("model.architecture", f"{message}; fix the value in the model config") from None
 
@@ -113,8 +144,8 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
         check_checkpoint_files(Path(location), model_cfg)
     try:
         return AutoConfig.from_pretrained(location, **options), location
-    except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0]
+    except UNREADABLE as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if Path(location).is_dir():  # a local file is damaged or incomplete: the hub has nothing to do with it
             where = Path(location) / model_cfg.gguf_file if model_cfg.source == "gguf" else location
             raise SpectraError(f"cannot read the model config in {where} ({first}); is the file damaged?") from None
@@ -122,6 +153,37 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
             f"cannot read the model config of '{location}': {first} -- without hub "
             "access, download the checkpoint elsewhere and pass model.path=<local dir>"
         ) from None
+
+
+def check_shape(config: PretrainedConfig, model_cfg: DictConfig) -> None:
+    """The shape a config declares, sane before anything is sized from it: whole numbers >= 1, KV heads dividing the
+    query heads, a finite positive rotary base. Names the key (random weights) or the checkpoint it came from."""
+    random = model_cfg.source == "random"
+    where = "" if random else f" in the config of {model_cfg.path or model_cfg.name_or_path or model_cfg.package}"
+
+    def refuse(name: str, problem: str) -> None:
+        if random:
+            raise ConfigError(f"model.architecture.{name}", f"{problem}; fix the value in the model config")
+        raise SpectraError(f"{name}{where}: {problem}; the checkpoint's config is damaged or not a causal LM's")
+
+    for name in SHAPE_FIELDS:
+        value = getattr(config, name, None)
+        if value is None and name in ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            continue  # optional: defaults derive from the others
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            refuse(name, f"must be a whole number >= 1, got {value!r}")
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
+    if kv_heads and heads % kv_heads:
+        refuse("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads={heads}")
+    if not getattr(config, "head_dim", None) and config.hidden_size < heads:
+        refuse("hidden_size", f"{config.hidden_size} is smaller than num_attention_heads={heads}")
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", None)}
+    # One dict, or one per layer type (Gemma 3: full_attention, sliding_attention).
+    for name, parameters in ({"": rope} if "rope_theta" in rope else rope).items():
+        theta = parameters.get("rope_theta") if isinstance(parameters, dict) else None
+        if theta is not None and not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            refuse(".".join(filter(None, ("rope_parameters", name, "rope_theta"))),
+                   f"must be a finite number > 0, got {theta!r}")  # fmt: skip
 
 
 def check_attention_reaches_capture(config: PretrainedConfig) -> type | None:
@@ -157,6 +219,7 @@ def check_model(cfg: DictConfig, cache: dict | None = None) -> tuple[PretrainedC
     if key not in cache:
         cache[key] = load_model_config(cfg.model)
     model_config, location = cache[key]
+    check_shape(model_config, cfg.model)
     model_class = check_attention_reaches_capture(model_config)
     shape = config_shape(model_config)
     if shape["max_position_embeddings"] and cfg.data.context_length > shape["max_position_embeddings"]:

@@ -12,6 +12,8 @@ Three sources, one per kind of checkpoint Spectra meets:
 from __future__ import annotations
 
 import importlib.util
+import pickle
+import struct
 from pathlib import Path
 
 import numba
@@ -116,9 +118,22 @@ def load_weights(
             options["use_safetensors"] = True  # a pickled .bin next to the safetensors is never unpickled
         try:
             model = AutoModelForCausalLM.from_pretrained(location, **options)
-        except OSError as error:
+        except (OSError, RuntimeError, ValueError, EOFError, struct.error, pickle.UnpicklingError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            if isinstance(error, pickle.UnpicklingError):  # torch's own text advises weights_only=False: never
+                raise SpectraError(
+                    f"{location}: a pytorch_model.bin holds objects other than tensors, which could run code when "
+                    "loaded; Spectra loads only tensors (weights_only=True): use a safetensors copy of the model"
+                ) from None
+            if Path(location).is_dir():  # a local file damaged or cut short
+                raise SpectraError(
+                    f"cannot load the weights in {location} ({first}); the file is damaged or truncated: copy the "
+                    "checkpoint again"
+                ) from None
+            if not isinstance(error, OSError):
+                raise
             raise SpectraError(
-                f"cannot load model '{location}': {str(error).splitlines()[0]} -- without hub access, "
+                f"cannot load model '{location}': {first} -- without hub access, "
                 "download the checkpoint elsewhere and pass model.path=<local dir>"
             ) from None
     return model.to(device).eval()
