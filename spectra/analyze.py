@@ -39,7 +39,7 @@ from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
 from spectra.config.paths import config_dir, hydra_entrypoint
 from spectra.config.plan import check_writable
 from spectra.config.schema import LoggerConfig, register_configs
-from spectra.config.secrets import check_arguments_for_secrets
+from spectra.config.secrets import check_arguments_for_secrets, check_config_for_secrets
 from spectra.config.command_line import UNCHECKED_FLAGS, compose_job, flags_first, hydra_parser
 from spectra.errors import ConfigError, SpectraError, ends_in_one_line, sigterm_as_interrupt
 from spectra.store.lock import FolderLock
@@ -76,6 +76,7 @@ ConfigStore.instance().store(name="base_analyze", node=AnalyzeConfig)
 
 def checked_config(cfg: DictConfig) -> DictConfig:
     """Merged into the schema again (catches `+key=` overrides) and range-checked; ConfigError names the key."""
+    check_config_for_secrets(OmegaConf.to_container(cfg, resolve=False))  # a --config-dir YAML included
     try:
         # A plain container: merging the composed DictConfig itself keeps `+` keys (its struct flag travels along).
         cfg = OmegaConf.merge(OmegaConf.structured(AnalyzeConfig), OmegaConf.to_container(cfg, resolve=True))

@@ -47,6 +47,7 @@ def changed(cfg, key: str, value):
         ("hardware.num_threads", 100000, r"hardware\.num_threads: must be <= 1024"),
         ("data.n_samples", 2**31, r"data\.n_samples: must be <= 2,147,483,647"),
         ("data.context_length", 2**31, r"data\.context_length: must be <= 2,147,483,647"),
+        ("model.name", "../..", r"model\.name: '\.\./\.\.' is not a folder-safe label"),
     ],
 )
 def test_numbers_are_range_checked(tiny_config, key, value, message):
@@ -134,10 +135,10 @@ def test_a_real_run_too_large_for_memory_is_refused_before_allocating():
 def test_a_sweep_folder_name_over_255_bytes_is_one_line(tmp_path):
     long = "x" * 300
     code, _, stderr = run_spectra_inprocess(
-        "-m", *TINY, "data.n_samples=1", f"model.name={long},b", f"hydra.sweep.dir={tmp_path}"
+        "-m", *TINY, "data.n_samples=1", f"logger.project={long},b", f"hydra.sweep.dir={tmp_path}"
     )
     assert code == 2 and stderr.count("\n") == 1, stderr
-    assert re.match(r"spectra: error: sweep job 0 \(model\.name=x{300}\): hydra\.sweep\.dir: the folder name "
+    assert re.match(r"spectra: error: sweep job 0 \(logger\.project=x{300}\): hydra\.sweep\.dir: the folder name "
                     r"0_data\.context_length=16,data\.n_samples=\.\.\. is \d+ bytes, more than the 255", stderr)  # fmt: skip
     assert not any(tmp_path.iterdir())
 
@@ -248,3 +249,24 @@ def test_sql_on_a_folder_with_commas_and_brackets(tmp_path):
     os.remove(run / "analysis" / "correlations.parquet")
     with pytest.raises(SpectraError, match=r"duckdb_views\.sql: its views cannot be opened .*correlations\.parquet"):
         views(run / "analysis")
+
+
+# ------------------------------------------------------------------------------------------------ credentials
+def test_a_token_shaped_value_is_refused_without_any_environment_variable(tmp_path, monkeypatch):
+    for name in ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    token = "hf_" + "a1B2" * 9
+    code, _, stderr = run_spectra_inprocess(*TINY, f"logger.entity={token}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and stderr.startswith("spectra: error: logger.entity: credentials are never taken") and token not in stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_secret_in_a_config_dir_yaml_is_refused_before_anything_is_written(tmp_path):
+    extra = tmp_path / "conf" / "logger"
+    extra.mkdir(parents=True)
+    (extra / "mine.yaml").write_text("defaults: [base_logger, _self_]\nname: none\nentity: hf_" + "x9" * 18 + "\n")
+    code, _, stderr = run_spectra_inprocess(
+        "--config-dir", str(tmp_path / "conf"), *TINY, "logger=mine", f"hydra.run.dir={tmp_path / 'run'}"
+    )
+    assert code == 2 and stderr.startswith("spectra: error: logger.entity: credentials are never taken"), stderr
+    assert not list((tmp_path / "run").rglob("*")) if (tmp_path / "run").exists() else True  # Hydra's empty folder

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spectra.capture.metrics import DEFAULT_METRIC_FIELDS
 from spectra.capture.metrics import METRIC_FIELDS as METRIC_NAMES
+from spectra.config.secrets import check_config_for_secrets
 from spectra.errors import ConfigError
 from spectra.launch.distributed import format_launch_time
 
@@ -137,6 +138,8 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def checked_config(cfg: DictConfig) -> DictConfig:
     """The composed config merged into the schema and checked; raises ConfigError naming the key."""
+    # Before anything is written: a --config-dir YAML is copied to .hydra/ and run.json like the command line.
+    check_config_for_secrets(OmegaConf.to_container(cfg, resolve=False))
     try:
         # Merge a plain container: merging the composed DictConfig lets keys added with `+` through.
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
@@ -144,6 +147,14 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         key = getattr(error, "full_key", None) or "config"
         raise ConfigError(key, str(error).splitlines()[0]) from None
 
+    name = cfg.model.name
+    # The run folder is outputs/<date>/<time>_<model.name>: a separator or a leading dot would put it elsewhere.
+    _require(
+        bool(name) and not set(name) & set("/\\\0") and not name.startswith(".") and len(name) <= 100,
+        "model.name",
+        f"{name[:60]!r} is not a folder-safe label (no / or \\, no leading dot, at most 100 characters); "
+        "it names the run folder",
+    )
     _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", "must be one of hub, gguf, random")
     _require(
         not cfg.model.assembled or bool(cfg.model.package and cfg.model.gguf_file),

@@ -21,7 +21,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from spectra.errors import ConfigError, SpectraError
-from spectra.models.loading import config_shape, model_location, resolve_device
+from spectra.models.loading import config_shape, hub_options, model_location, resolve_device
 
 # Shape fields every attention model declares; each must be a whole number >= 1 (config_shape divides by heads).
 SHAPE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
@@ -135,7 +135,8 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
             raise ConfigError("model.architecture", f"{message}; fix the value in the model config") from None
 
     location = model_location(model_cfg)
-    options: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    options: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code,
+                     **hub_options(location)}  # fmt: skip
     if model_cfg.source == "gguf":
         if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
             raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
