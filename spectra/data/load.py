@@ -46,13 +46,12 @@ def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int, count_only: b
     without building them (a dry run of 1e8 samples must not hold 1e8 windows)."""
     if data_cfg.add_bos and data_cfg.context_length < 2:
         raise ConfigError("data.context_length", "must be >= 2 with data.add_bos=true")
-    if not count_only:
-        check_fits_in_memory(data_cfg)
     if data_cfg.name == "builtin":
         windows = builtin_windows(tokenizer, data_cfg.context_length, data_cfg.add_bos)
         chosen = choose(len(windows), data_cfg.n_samples, data_cfg.seed, "the built-in corpus")
         if count_only:
             return len(chosen)
+        check_fits_in_memory(data_cfg)
         return [
             Sample(sample_id, windows[i][0], "python-stdlib-docstrings", windows[i][1], windows[i][2])
             for sample_id, i in enumerate(chosen)
@@ -60,6 +59,7 @@ def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int, count_only: b
     if data_cfg.name == "synthetic":
         if count_only:
             return data_cfg.n_samples
+        check_fits_in_memory(data_cfg)
         rng = np.random.default_rng(data_cfg.seed)
         ids = rng.integers(0, vocab_size, size=(data_cfg.n_samples, data_cfg.context_length), dtype=np.int64)
         if data_cfg.add_bos:
@@ -67,8 +67,10 @@ def load_samples(data_cfg: DictConfig, tokenizer, vocab_size: int, count_only: b
         return [Sample(i, ids[i], "synthetic", f"seed-{data_cfg.seed}", i) for i in range(data_cfg.n_samples)]
     if data_cfg.name in ("slimpajama", "shards"):
         windows = load_windows(data_cfg, tokenizer, vocab_size, prepare_if_missing=data_cfg.name == "slimpajama")
+        count = windows.count(data_cfg.context_length, data_cfg.n_samples, data_cfg.add_bos)  # enough windows?
         if count_only:
-            return windows.count(data_cfg.context_length, data_cfg.n_samples, data_cfg.add_bos)
+            return count
+        check_fits_in_memory(data_cfg)
         samples = windows.samples(
             data_cfg.context_length, data_cfg.n_samples, data_cfg.seed, data_cfg.add_bos, tokenizer.bos_token_id
         )
