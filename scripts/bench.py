@@ -181,13 +181,17 @@ def batch_inputs(model, tokenizer, cfg, context_length: int, batch_size: int) ->
 
 
 def largest_batch(model, tokenizer, cfg, context_length: int) -> int:
-    """The largest batch, doubling from hardware.batch_size, whose forward and capture fit in GPU memory."""
+    """The largest batch, doubling from hardware.batch_size, whose capture and full forward (logits included, with
+    the capture on: more than either needs alone) fit in GPU memory."""
     fits, size = 0, cfg.hardware.batch_size
     with AttentionCapture.from_config(model, cfg.metrics, cfg.hardware) as capture:
         while size <= 4096:
             try:
-                metrics = capture.run(batch_inputs(model, tokenizer, cfg, context_length, size))
+                input_ids = batch_inputs(model, tokenizer, cfg, context_length, size)
+                metrics = capture.run(input_ids)
                 metrics_to_host(metrics, list(cfg.metrics.names)).wait()
+                with torch.inference_mode():
+                    model(input_ids=input_ids, use_cache=False)
             except torch.cuda.OutOfMemoryError:
                 break
             finally:

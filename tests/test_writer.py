@@ -168,7 +168,7 @@ def test_bench_writer_prints_one_json_line():
     assert result["parquet_codec"] == "zstd" and result["writer_threads"] == 4 and result["parts"] == 3
     assert result["rows_per_part"] == 3 * 8 * 8 * 64  # tiny_llama: 3 layers x 8 heads; h100: batches of 8
     assert result["writer_rows_per_s"] > 0 and len(result["rounds_rows_per_s"]) == 2
-    assert result["writer_rows_per_s"] == pytest.approx(float(np.median(result["rounds_rows_per_s"])), rel=1e-6)
+    assert result["writer_rows_per_s"] == pytest.approx(float(np.median(result["rounds_rows_per_s"])), abs=1)
     assert 4 < result["bytes_per_row"] < 16 and result["writer_cpu_ns_per_row"] > 0
     assert result["machine"]["cores"] >= 1
 
@@ -194,3 +194,13 @@ def test_metrics_to_host_copies_from_the_gpu_into_pinned_memory_without_waiting(
     # Sample-major in memory, as the Parquet rows are: the writer reorders nothing.
     assert host["entropy"].transpose(1, 0, 2, 3).flags.c_contiguous
     assert torch.from_numpy(host["k_eff"]).is_pinned()
+
+
+def test_bench_batch_sizes_are_checked(capsys):
+    for argv, message in [
+        (["16", "--batch-sizes", "1,0"], "--batch-sizes takes positive integers and max, got 1,0"),
+        (["16", "--batch-sizes", "1,max", "model=tiny_llama"], "--batch-sizes max needs a CUDA device"),
+    ]:
+        with pytest.raises(SystemExit) as stopped:
+            bench.main(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
