@@ -126,7 +126,7 @@ def write_text_atomic(text: str, path: Path) -> None:
     """path holds the old text or the new, never a part: written under another name, synced, then renamed."""
     temporary = path.with_name(path.name + ".inprogress")
     try:
-        with open(temporary, "w") as handle:
+        with open(temporary, "w", encoding="utf-8") as handle:  # not the locale's: token text is any Unicode
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
