@@ -149,7 +149,14 @@ def capture(
     capture_started = time.perf_counter()
     with (
         AttentionCapture.from_config(model, cfg.metrics, cfg.hardware) as attention,
-        PartWriter(out / "metrics", schema, manifest=manifest) as writer,
+        PartWriter(
+            out / "metrics",
+            schema,
+            manifest=manifest,
+            codec=cfg.hardware.parquet_codec,
+            threads=cfg.hardware.writer_threads,
+            check=guard.check,  # in batch order, on each batch's host copy, before its part is written
+        ) as writer,
         tqdm(
             total=own_tokens, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, disable=not world.is_main
         ) as progress,
@@ -161,10 +168,9 @@ def capture(
                 continue
             input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(model.device)  # (B, T)
             metrics = attention.run(input_ids)  # name -> (L, B, H, T), on the model's device
-            # One device-to-host copy per batch; the guard reads the host copy, the writer thread writes it.
-            host = metrics_to_host(metrics, names)
-            guard.check(host, [s.sample_id for s in batch])
-            writer.put(np.array([s.sample_id for s in batch]), host)
+            # One asynchronous device-to-host copy per batch: a writer thread waits for it, checks it and writes
+            # the part while this thread captures the next batch (a full queue makes put wait).
+            writer.put(np.array([s.sample_id for s in batch]), metrics_to_host(metrics, names))
             progress.update(input_ids.numel())
             done = first + len(batch)
             tracker.log_progress(
