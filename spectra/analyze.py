@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import polars as pl
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -38,10 +39,11 @@ from spectra.analysis.runs import (
     swept_keys,
 )  # fmt: skip
 from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
-from spectra.config.paths import hydra_entrypoint
+from spectra.config.paths import config_dir, hydra_entrypoint
+from spectra.config.plan import check_writable
 from spectra.config.schema import LoggerConfig, register_configs
-from spectra.config.secrets import check_arguments_for_secrets
-from spectra.config.validate import flags_first
+from spectra.config.secrets import check_arguments_for_secrets, check_config_for_secrets
+from spectra.config.command_line import UNCHECKED_FLAGS, compose_job, flags_first, hydra_parser
 from spectra.errors import ConfigError, SpectraError, ends_in_one_line, sigterm_as_interrupt
 from spectra.store.lock import FolderLock
 from spectra.store.writer import write_parquet_atomic
@@ -77,6 +79,7 @@ ConfigStore.instance().store(name="base_analyze", node=AnalyzeConfig)
 
 def checked_config(cfg: DictConfig) -> DictConfig:
     """Merged into the schema again (catches `+key=` overrides) and range-checked; ConfigError names the key."""
+    check_config_for_secrets(OmegaConf.to_container(cfg, resolve=False))  # a --config-dir YAML included
     try:
         # A plain container: merging the composed DictConfig itself keeps `+` keys (its struct flag travels along).
         cfg = OmegaConf.merge(OmegaConf.structured(AnalyzeConfig), OmegaConf.to_container(cfg, resolve=True))
@@ -84,6 +87,8 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(getattr(error, "full_key", None) or "config", str(error).splitlines()[0]) from None
     if cfg.run_dir in (None, "", []):
         raise ConfigError("run_dir", "required: python -m spectra.analyze run_dir=<run folder or sweep folder>")
+    if not 0 <= cfg.seed <= 2**63 - 1:
+        raise ConfigError("seed", f"must be in 0 .. 2**63 - 1 (the bootstrap's numpy seed), got {cfg.seed}")
     if cfg.skip_positions < 0:
         raise ConfigError("skip_positions", f"must be >= 0, got {cfg.skip_positions}")
     for key in ("top_heads", "top_tokens", "bootstrap"):
@@ -338,6 +343,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
     labels = unique_labels(runs)
     outs = [(base / label if several else base) if base else run / "analysis" for run, label in zip(runs, labels)]
     joint = (base or (sweep or Path(os.path.commonpath(runs))) / "analysis") if several else None
+    for out in outs + ([joint] if joint else []):  # a file in the way, or a folder that cannot be written
+        check_writable(out, "output_dir" if base else "run_dir")
     with ExitStack() as locks:  # one writer per analysis folder; a second analysis of the same runs is refused
         for out in outs + ([joint] if joint else []):
             locks.enter_context(FolderLock(out, "output_dir"))
@@ -361,8 +368,23 @@ def analyze(cfg: DictConfig) -> list[Path]:
 
 def main(cfg: DictConfig) -> None:
     # Each output file is written whole or not at all, so running again is all it takes.
-    with ends_in_one_line(lambda: "free space, then run the same command again", lambda: "run the same command again"):
+    with ends_in_one_line(
+        lambda: "free space (or choose a writable output_dir), then run the same command again",
+        lambda: "run the same command again",
+    ):
         analyze(cfg)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """The overrides composed as Hydra will and checked (keys, types, ranges) before Hydra runs, so that a mistake is
+    one line and exit 2, not Hydra's multi-line error and exit 1."""
+    args = hydra_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):
+        return
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        job = OmegaConf.to_container(compose_job(args.overrides, "analyze"))
+    job.pop("hydra", None)
+    checked_config(OmegaConf.create(job))
 
 
 def cli() -> None:
@@ -370,6 +392,7 @@ def cli() -> None:
     try:
         sys.argv[1:] = flags_first(sys.argv[1:])
         check_arguments_for_secrets(sys.argv[1:])  # before Hydra copies the overrides anywhere
+        check_command_line(sys.argv[1:])
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)

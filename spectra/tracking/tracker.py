@@ -33,6 +33,7 @@ from spectra.errors import ConfigError, SpectraError
 from spectra.launch.distributed import World
 
 HEATMAP_METRICS = ("entropy", "max_attn", "k_eff")
+ONLINE_START_SECONDS = 20  # how long an online W&B start may take before the run goes on offline
 ARTIFACT_PATHS = ("metrics", "samples.parquet", "run.json")  # what a run directory holds (see writer.py)
 RUN_ID_FILE = Path("wandb") / "run-id"  # the W&B run of a run directory, kept inside it: a resume continues it
 
@@ -197,8 +198,10 @@ class WandbTracker(Tracker):
             # W&B's ~30 lines of banners and history would bury Spectra's summary: __exit__ prints one line
             settings=wandb.Settings(silent=True),
         )
+        # A key without a network would wait wandb's default 90 s (and retry) before the offline fallback below.
+        settings = wandb.Settings(init_timeout=ONLINE_START_SECONDS) if mode == "online" else None
         try:
-            self.run = wandb.init(mode=mode, **options)
+            self.run = wandb.init(mode=mode, settings=settings, **options)
         except Exception as error:  # the server unreachable, a bad entity: the capture matters more than the view
             if mode != "online":
                 raise SpectraError(f"logger: wandb.init failed: {str(error).splitlines()[0]}") from None
