@@ -17,6 +17,7 @@ Reads top to bottom: check config -> load model -> load samples -> capture batch
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import sys
@@ -258,9 +259,18 @@ def writer_lock(out: Path, cfg: DictConfig, world: World):
 
 
 def record_config(out: Path, composed: DictConfig) -> None:
-    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml). No run.log:
-    Spectra logs nothing (its summary is printed and kept in run.json), so a log file stayed empty."""
+    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml) and run.log (each
+    layer's metrics path, from capture/hook.py). The previous run's run.log handler goes first: in one process
+    (a basic-launcher sweep, the tests) a later run's lines must not land in an earlier run's file."""
     write_config_record(out, composed, HydraConfig.get())
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if getattr(h, "spectra_run_log", False)]:
+        root.removeHandler(previous)
+        previous.close()
+    handler = logging.FileHandler(out / "run.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    handler.spectra_run_log = True
+    root.addHandler(handler)
 
 
 def main(composed: DictConfig) -> None:
