@@ -222,7 +222,8 @@ def test_one_quiet_wandb_run_per_run_directory_across_resumes(monkeypatch, tmp_p
     lines = out.splitlines()
     assert len(lines) == 3 and all(re.fullmatch(r"W&B: run \w+ logged offline to (\S+); upload it with: wandb sync \1",
                                                 line) for line in lines), lines  # fmt: skip
-    ids = {name: {p.name.rpartition("-")[2] for p in (tmp_path / name / "wandb").glob("offline-run-*")}
+    # offline-run-<date>_<time>-<id>, and "-1" after it when two starts share a second
+    ids = {name: {re.match(r"offline-run-\d+_\d+-(\w+)", p.name)[1] for p in (tmp_path / name / "wandb").glob("offline-run-*")}
            for name in ("a", "b")}  # fmt: skip
     assert len(list((tmp_path / "a" / "wandb").glob("offline-run-*"))) == 2 and len(ids["a"]) == 1, ids
     assert ids["a"] == {(tmp_path / "a" / "wandb" / "run-id").read_text().strip()} and ids["a"] != ids["b"]

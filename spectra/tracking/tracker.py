@@ -199,9 +199,9 @@ class WandbTracker(Tracker):
             settings=wandb.Settings(silent=True),
         )
         # A key without a network would wait wandb's default 90 s (and retry) before the offline fallback below.
-        settings = wandb.Settings(init_timeout=ONLINE_START_SECONDS) if mode == "online" else None
+        online = dict(settings=wandb.Settings(silent=True, init_timeout=ONLINE_START_SECONDS))
         try:
-            self.run = wandb.init(mode=mode, settings=settings, **options)
+            self.run = wandb.init(mode=mode, **(options | online if mode == "online" else options))
         except Exception as error:  # the server unreachable, a bad entity: the capture matters more than the view
             if mode != "online":
                 raise SpectraError(f"logger: wandb.init failed: {str(error).splitlines()[0]}") from None
