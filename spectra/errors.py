@@ -51,8 +51,10 @@ def ends_in_one_line(after_disk_fault: Callable[[], str], after_interrupt: Calla
         print(f"spectra: error: {fault}; {after_disk_fault()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as stop:
-        # stop.args, not stop: an exception object is always truthy, so `stop or 'SIGINT'` printed "()" for Ctrl-C.
-        print(f"spectra: interrupted ({signal_name(stop)}); {after_interrupt()}", file=sys.stderr)
+        # Under torchrun every rank gets the signal: rank 0 speaks for all, the others end quietly.
+        if os.environ.get("RANK", "0") == "0":
+            # stop.args, not stop: an exception is always truthy, so `stop or 'SIGINT'` printed "()" for Ctrl-C.
+            print(f"spectra: interrupted ({signal_name(stop)}); {after_interrupt()}", file=sys.stderr)
         sys.exit(130)
 
 
