@@ -2,7 +2,9 @@
 # The GPU check, prepared to run in one go (< 5 minutes on one H100/H200-class GPU):
 #   0. versions (python, torch, CUDA, transformers, numpy, numba, ...), the GPU's name and memory, nvidia-smi
 #   1. the tests marked gpu: the capture on CUDA against eager float64 attention (tiny_llama, SmolLM2-135M),
-#      the CUDA logits unchanged by the capture, and the bf16 capture against float64 math on its q and k
+#      the CUDA logits unchanged by the capture, and the bf16 capture against float64 math on its q and k, each
+#      on the torch path and on the compiled Triton kernel; the kernel's k_eff against the sort definition on its
+#      own probabilities (adversarial rows, every SmolLM2 layer), windows, soft-capping and QK-norm
 #   2. scripts/bench.py 512 2048 8192 --json model=llama3_8b_random hardware=h100 (batch 1), JSON into the output
 # Each step runs even when an earlier one failed; the exit status is 1 when any did. Without a GPU it says so
 # plainly and runs what needs none (the gpu tests then skip, and the bench is skipped).
@@ -52,8 +54,8 @@ check() {
     "$PYTHON" - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import importlib, importlib.metadata, platform, sys
 print("python", platform.python_version(), sys.executable)
-for name in ("torch", "transformers", "numpy", "numba", "llvmlite", "tokenizers", "safetensors", "accelerate",
-             "huggingface_hub", "pyarrow", "hydra", "omegaconf", "gguf", "scipy", "psutil"):
+for name in ("torch", "triton", "transformers", "numpy", "numba", "llvmlite", "tokenizers", "safetensors",
+             "accelerate", "huggingface_hub", "pyarrow", "hydra", "omegaconf", "gguf", "scipy", "psutil"):
     try:
         module = importlib.import_module(name)
         version = getattr(module, "__version__", None) or importlib.metadata.version(name)  # gguf has no __version__
@@ -76,6 +78,10 @@ PY
         echo "== gpu_check: no nvidia-smi on this machine"
     fi
     has_gpu=$("$PYTHON" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+    if ! "$PYTHON" -c "import triton" 2>/dev/null; then
+        echo "== gpu_check: TRITON IS MISSING: the Triton kernel's gpu tests will skip and hardware.metrics_kernel=auto"
+        echo "   runs the torch path; torch's CUDA wheels bring triton, or: pip install triton"
+    fi
     if [ "$has_gpu" != 1 ]; then
         echo "== gpu_check: NO CUDA GPU here: torch.cuda.is_available() is False. Running the CPU-safe parts only;"
         echo "   the gpu tests will skip and the Llama-3-8B-shape bench is not run."

@@ -18,7 +18,6 @@ Statistics live in spectra/analysis/head_stats.py, figures in plots.py, the repo
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from contextlib import ExitStack
@@ -31,10 +30,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from spectra.analysis import head_stats, plots, report
-from spectra.analysis.controlled import position_controlled, with_q_values
+from spectra.analysis.controlled import headline, position_controlled, position_residual_ranks, with_q_values
 from spectra.analysis.exports import VIEWS_FILE, ViewSource, duckdb_views, export_csv
 from spectra.analysis.publish import publish, published, staging
-from spectra.analysis.runs import RunAnalysis, attention_windows, find_runs, run_record, scan_metrics
+from spectra.analysis.runs import (
+    RunAnalysis, attention_windows, find_runs, job_overrides, run_record, run_settings, scan_metrics, swept_keys,
+)  # fmt: skip
 from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
 from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import LoggerConfig, register_configs
@@ -51,7 +52,7 @@ HEATMAP_METRICS = (
     "entropy", "max_attn", "k_eff", "query_norm", "entropy_normalized", "k_eff_fraction", "sink_attn", "attn_distance",
 )  # fmt: skip
 PROFILE_METRICS = ("entropy", "entropy_normalized", "k_eff", "k_eff_fraction")
-SWEEP_METRICS = ("entropy", "k_eff", "max_attn")
+SWEEP_METRICS = ("partial_r_entropy", "entropy", "k_eff", "max_attn")
 
 
 @dataclass
@@ -113,48 +114,66 @@ def density_heads(cfg: DictConfig, correlations: pl.DataFrame) -> list[tuple[int
     return list(zip(strongest["layer"].to_list(), strongest["head"].to_list()))
 
 
-def head_rows(lf: pl.LazyFrame, layer: int, head: int, skip_positions: int, columns: list[str]) -> pl.DataFrame:
-    """One head's rows (1 / (layers x heads) of the run), positions t < skip_positions left out."""
+def head_grids(lf: pl.LazyFrame, layer: int, head: int, skip_positions: int, columns: list[str]) -> list:
+    """One head's values (1 / (layers x heads) of the run) as (S, T) grids, positions t < skip_positions left out."""
     chosen = (pl.col("layer") == layer) & (pl.col("head") == head) & (pl.col("token_pos") >= skip_positions)
-    return lf.filter(chosen).select(pl.col(columns).cast(pl.Float64)).collect(engine="streaming")
+    rows = lf.filter(chosen).sort("sample_id", "token_pos").select("sample_id", pl.col(columns).cast(pl.Float64))
+    rows = rows.collect(engine="streaming")
+    samples = rows["sample_id"].n_unique()
+    return [rows[name].to_numpy().reshape(samples, -1) for name in columns]  # (S, T) each
 
 
 def run_figures(
     lf: pl.LazyFrame, label: str, heads: pl.DataFrame, correlations: pl.DataFrame, profile: pl.DataFrame,
     cfg: DictConfig, folder: Path,
 ) -> list[Path]:  # fmt: skip
-    """Heatmaps of every metric's mean and every correlation's r, position profiles, density plots."""
-    # The usual metrics first, then any other column the run holds (a metric added to the capture later).
-    present = [c.removesuffix("_mean") for c in heads.columns if c.endswith("_mean")]
-    ordered = [m for m in HEATMAP_METRICS if m in present] + [m for m in present if m not in HEATMAP_METRICS]
-    figures = [
-        plots.head_heatmap(heads, f"{metric}_mean", f"{label}: mean {metric}", folder / f"heatmap_{metric}.png")
-        for metric in ordered
-    ]
+    """In the report's order: per metric, partial r beside token-level r; query_norm vs entropy within positions
+    for a few heads; position profiles; heatmaps of every metric's mean."""
+    figures = []
     for y in correlations["y"].unique().sort().to_list():
-        title = f"{label}: Spearman r(query_norm, {y}), t >= {cfg.skip_positions}"
+        title = f"{label}: query_norm vs {y}, t >= {cfg.skip_positions}"
         rows = correlations.filter(pl.col("y") == y)
-        figures.append(plots.head_heatmap(rows, "spearman_r", title, folder / f"heatmap_r_{y}.png", diverging=True))
+        figures.append(plots.correlation_heatmaps(rows, title, folder / f"heatmap_partial_r_{y}.png"))
+    entropy = correlations.filter(pl.col("y") == "entropy")
+    if entropy.height:
+        # What partial r correlates: ranks with each position's mean rank taken out, so that position, which
+        # moves both query norm and entropy, does not draw the picture.
+        points = []
+        for layer, head in density_heads(cfg, correlations):
+            x, y = head_grids(lf, layer, head, cfg.skip_positions, ["query_norm", "entropy"])
+            r = entropy.filter(pl.col("layer") == layer, pl.col("head") == head)["partial_r"]
+            title = f"layer {layer}, head {head}: partial r = {r[0]:.2f} ({x.size:,} tokens)"
+            points.append((title, position_residual_ranks(x).ravel(), position_residual_ranks(y).ravel()))
+        title = f"{label}: query_norm vs entropy within positions, t >= {cfg.skip_positions}"
+        axis = "{}: rank - position's mean rank (sd)"
+        figures.append(plots.density_panels(points, axis.format("query_norm"), axis.format("entropy"),
+                                            folder / "density_query_norm_entropy.png", title=title))  # fmt: skip
     shown = [m for m in PROFILE_METRICS if m in profile.columns]
     if shown:
         figures.append(plots.position_curves(profile, shown, folder / "position_profiles.png", label))
-    if correlations.filter(pl.col("y") == "entropy").height:
-        points = []
-        for layer, head in density_heads(cfg, correlations):
-            rows = head_rows(lf, layer, head, cfg.skip_positions, ["query_norm", "entropy"])
-            points.append((layer, head, rows["query_norm"].to_numpy(), rows["entropy"].to_numpy()))
-        figures.append(plots.density_panels(points, "query_norm", "entropy", folder / "density_query_norm_entropy.png"))
+    # The usual metrics first, then any other column the run holds (a metric added to the capture later).
+    present = [c.removesuffix("_mean") for c in heads.columns if c.endswith("_mean")]
+    ordered = [m for m in HEATMAP_METRICS if m in present] + [m for m in present if m not in HEATMAP_METRICS]
+    figures += [
+        plots.head_heatmap(heads, f"{metric}_mean", f"{label}: mean {metric} (all tokens)", folder / f"heatmap_{metric}.png")
+        for metric in ordered
+    ]
     return figures
 
 
-def correlation_table(lf: pl.LazyFrame, metrics: list[str], layers: list[int], cfg: DictConfig) -> pl.DataFrame:
-    """Token-level Pearson/Spearman and the position-controlled partial r, interval, p and q, per (layer, head, y)."""
+def correlation_table(
+    lf: pl.LazyFrame, metrics: list[str], layers: list[int], cfg: DictConfig
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Token-level Pearson/Spearman and the position-controlled partial r, interval, p and q, per (layer, head, y);
+    and the headline over heads per y (its interval needs every head's resampled r, which is then dropped)."""
     skip = cfg.skip_positions
     plain = head_stats.by_layer(lambda rows: head_stats.head_correlations(rows, skip), lf, layers)
     controlled = head_stats.by_layer(
         lambda rows: position_controlled(rows, metrics, skip, cfg.bootstrap, cfg.seed), lf, layers
     )
-    return plain.join(with_q_values(controlled), on=["layer", "head", "y"], how="left")
+    controlled = with_q_values(controlled)
+    table = plain.join(controlled.drop("partial_draws"), on=["layer", "head", "y"], how="left")
+    return table, headline(controlled)
 
 
 def token_text(run: Path, record: dict, lf: pl.LazyFrame, windows, cfg: DictConfig, out: Path):
@@ -179,17 +198,18 @@ def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysi
     check_heads(cfg.heads, layers, int(lf.select(pl.col("head").max()).collect().item()) + 1)
 
     heads = head_stats.by_layer(lambda rows: head_stats.head_summary(rows, windows), lf, layers)
-    correlations = correlation_table(lf, metrics, layers, cfg)
+    correlations, findings = correlation_table(lf, metrics, layers, cfg)
     profile = head_stats.position_profile(lf, windows)
     out.mkdir(parents=True, exist_ok=True)
-    for name, table in (("heads", heads), ("correlations", correlations), ("positions", profile)):
+    tables = (("heads", heads), ("correlations", correlations), ("headline", findings), ("positions", profile))
+    for name, table in tables:
         write_parquet_atomic(table.to_arrow(), out / f"{name}.parquet")
     top, tokens_note = token_text(run, record, lf, windows, cfg, out)
 
     figures = run_figures(lf, label, heads, correlations, profile, cfg, out / "figures")
     analysis = RunAnalysis(label, run, out, record, metrics, heads, correlations, profile, figures, windows, top,
-                           tokens_note)  # fmt: skip
-    report.write_run_report(analysis, cfg.skip_positions, cfg.top_heads, out / "report.md")
+                           tokens_note, findings)  # fmt: skip
+    report.write_run_report(analysis, cfg, out / "report.md")
     duckdb_views([view_source(analysis)], out / VIEWS_FILE)
     if cfg.export == "csv":
         export_csv(lf, out / "metrics.csv")
@@ -198,26 +218,6 @@ def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysi
 
 def view_source(a: RunAnalysis) -> ViewSource:
     return ViewSource(a.label, a.run, a.out, a.metrics, a.windows)
-
-
-def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    items = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            items.update(flatten(value, f"{prefix}{key}."))
-        else:
-            items[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-    return items
-
-
-def swept_keys(records: list[dict]) -> list[str]:
-    """Config keys whose values differ between runs (the sweep's parameters), output folders aside."""
-    configs = [flatten(record.get("config", {})) for record in records]
-    keys = sorted(set().union(*configs))
-    return [
-        key for key in keys
-        if key != "run.output_dir" and len({json.dumps(c.get(key), sort_keys=True) for c in configs}) > 1
-    ]  # fmt: skip
 
 
 def sweep_axes(comparison: pl.DataFrame, keys: list[str]) -> tuple[str, list[str]]:
@@ -229,14 +229,15 @@ def sweep_axes(comparison: pl.DataFrame, keys: list[str]) -> tuple[str, list[str
     return x, [k for k in keys if k != x]
 
 
-def compare_runs(analyses: list[RunAnalysis], out: Path) -> tuple[pl.DataFrame, list[Path]]:
-    """comparison.parquet: one row per (run, layer) with the swept config values and per-layer means."""
-    keys = swept_keys([a.record for a in analyses])
+def compare_runs(analyses: list[RunAnalysis], out: Path, skip_positions: int) -> tuple[pl.DataFrame, list[Path]]:
+    """comparison.parquet: one row per (run, layer) with the values of the keys the user swept, per-layer means
+    (t >= skip_positions) and median partial r."""
+    settings = [run_settings(a.run, a.record) for a in analyses]
+    keys = swept_keys(settings, [job_overrides(a.run) for a in analyses])
     tables = []
-    for a in analyses:
-        config = flatten(a.record.get("config", {}))
-        table = head_stats.layer_comparison(a.heads, a.correlations)
-        tables.append(table.with_columns(pl.lit(a.label).alias("run"), *[pl.lit(config.get(k)).alias(k) for k in keys]))
+    for a, setting in zip(analyses, settings):
+        table = head_stats.layer_comparison(a.profile, a.correlations, skip_positions)
+        tables.append(table.with_columns(pl.lit(a.label).alias("run"), *[pl.lit(setting.get(k)).alias(k) for k in keys]))
     comparison = pl.concat(tables, how="diagonal_relaxed").select("run", *keys, pl.exclude("run", *keys))
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(comparison.to_arrow(), out / "comparison.parquet")
@@ -282,6 +283,9 @@ def log_to_wandb(
                 run.summary[f"{prefix}strongest_head"] = f"L{top['layer'][0]}H{top['head'][0]}"
                 run.summary[f"{prefix}strongest_partial_r"] = top["partial_r"][0]
                 run.summary[f"{prefix}strongest_partial_q"] = top["partial_q"][0]
+            for row in (a.headline if a.headline is not None else pl.DataFrame()).iter_rows(named=True):
+                run.summary[f"{prefix}significant_heads/{row['y']}"] = row["significant"]
+                run.summary[f"{prefix}median_partial_r/{row['y']}"] = row["median_r"]
         if comparison is not None:
             run.log({"comparison": wandb.Table(dataframe=comparison.to_pandas())})
         artifact = wandb.Artifact(f"analysis-{run.id}", type="analysis")
@@ -318,7 +322,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
         comparison = None
         if joint:
             with staging(joint) as staged:
-                comparison, figures = compare_runs(analyses, staged)
+                comparison, figures = compare_runs(analyses, staged, cfg.skip_positions)
                 report.write_sweep_report(analyses, comparison, figures, staged / "report.md")
                 duckdb_views([view_source(a) for a in analyses], staged / VIEWS_FILE)
                 publish(staged, joint)

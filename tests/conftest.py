@@ -12,6 +12,14 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Without a GPU the Triton kernel's tests run it in Triton's interpreter, which triton chooses when a kernel is
+# defined: set before anything imports spectra.capture.triton_kernels. With a GPU, the compiled kernel is tested.
+if "spectra.capture.triton_kernels" not in sys.modules:
+    import torch  # noqa: E402
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402

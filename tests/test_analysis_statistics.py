@@ -115,6 +115,11 @@ def partial_reference(x: np.ndarray, y: np.ndarray, sample: np.ndarray, position
 
 def bootstrap_reference(rx, ry, sample, position, draws: int, seed: int) -> np.ndarray:
     """Percentile interval by literally building each resample: whole samples drawn with replacement."""
+    return np.nanpercentile(bootstrap_draws(rx, ry, sample, position, draws, seed), [2.5, 97.5])
+
+
+def bootstrap_draws(rx, ry, sample, position, draws: int, seed: int) -> np.ndarray:
+    """The partial r of each resample, built literally: whole samples drawn with replacement."""
     ids = np.unique(sample)
     picks = np.random.default_rng(seed).integers(0, len(ids), size=(draws, len(ids)))  # as resample_counts
     values = []
@@ -124,7 +129,7 @@ def bootstrap_reference(rx, ry, sample, position, draws: int, seed: int) -> np.n
         centred = [v - np.array([v[pp == q].mean() for q in pp]) for v in (px, py)]
         with np.errstate(divide="ignore", invalid="ignore"):  # both picks one sample: nothing varies, r undefined
             values.append(np.sum(centred[0] * centred[1]) / np.sqrt(np.sum(centred[0] ** 2) * np.sum(centred[1] ** 2)))
-    return np.nanpercentile(values, [2.5, 97.5])
+    return np.array(values)
 
 
 def test_position_controlled_correlations_match_numpy(gemma2_run):
@@ -173,6 +178,43 @@ def test_position_confound_is_removed_and_a_real_association_kept():
     assert np.isfinite(row["partial_r"]) and np.isnan(row["partial_p"])  # r, but no test across two samples
 
 
+def test_headline_and_undefined_heads_against_numpy():
+    """The run's headline: heads with q < 0.05 by sign, and the median partial r over heads with its interval,
+    against the per-head least-squares reference, scipy's BH and a literal resampling loop; a head with constant
+    entropy and one with a NaN query norm are left out, each with its reason."""
+    samples, positions, draws, seed = 6, 40, 40, 3
+    heads = [synthetic_rows(samples, positions, coupling, seed=i).with_columns(head=pl.lit(i))
+             for i, coupling in enumerate([0.8, 0.5, -0.6, 0.0, 0.3])]  # fmt: skip
+    constant = synthetic_rows(samples, positions, 0.5).with_columns(head=pl.lit(5), entropy=pl.lit(2.0))
+    broken = synthetic_rows(samples, positions, 0.5).with_columns(
+        head=pl.lit(6), query_norm=pl.when(pl.col("token_pos") == 7).then(float("nan")).otherwise(pl.col("query_norm"))
+    )  # fmt: skip
+    lf = pl.concat([*heads, constant, broken]).with_columns(pl.col("head").cast(pl.Int64))
+    table = controlled.with_q_values(controlled.position_controlled(lf, ["query_norm", "entropy"], 0, draws, seed))
+    [row] = controlled.headline(table).iter_rows(named=True)
+
+    notes = dict(zip(table["head"], table["partial_note"]))
+    assert notes[5] == "entropy = 2 at every token" and notes[6] == "query_norm has non-finite values"
+    assert all(notes[h] is None for h in range(5))
+    rows = lf.collect()
+    r, p, boots = [], [], []
+    for head in range(5):
+        part = rows.filter(pl.col("head") == head)
+        sample, position = part["sample_id"].to_numpy(), part["token_pos"].to_numpy()
+        r_head, p_head, rx, ry = partial_reference(part["query_norm"].to_numpy(), part["entropy"].to_numpy(), sample, position)
+        r.append(r_head)
+        p.append(p_head)
+        boots.append(bootstrap_draws(rx, ry, sample, position, draws, seed))
+    r, q = np.array(r), stats.false_discovery_control(p, method="bh")
+    assert (row["heads"], row["tested"], row["with_r"], row["samples"]) == (7, 5, 5, samples)
+    assert row["positive"] == int(((q < 0.05) & (r > 0)).sum()) and row["negative"] == int(((q < 0.05) & (r < 0)).sum())
+    assert row["positive"] >= 2 and row["negative"] == 1  # the couplings 0.8, 0.5 and -0.6 are found
+    np.testing.assert_allclose(row["median_r"], np.median(r), rtol=1e-9)
+    medians = np.nanmedian(np.array(boots), axis=0)  # (draws,): the median over heads of each resample
+    np.testing.assert_allclose([row["median_ci_low"], row["median_ci_high"]], np.nanpercentile(medians, [2.5, 97.5]),
+                               rtol=1e-9)  # fmt: skip
+
+
 def test_q_values_are_benjamini_hochberg():
     p = np.array([0.01, 0.04, np.nan, 0.03, 0.2, 0.001, 0.04])
     finite = p[np.isfinite(p)]
@@ -210,12 +252,19 @@ def test_token_text_and_top_tokens(gemma2_run):
     for layer in (0, 1):
         mask = (rows["layer"] == layer) & (rows["token_pos"] >= 2)
         keys = rows["sample_id"][mask] * T + rows["token_pos"][mask]
-        means = np.bincount(keys, rows["query_norm"][mask]) / np.maximum(np.bincount(keys), 1)  # over heads
-        best = np.argsort(-means)[:3]
+        means = np.bincount(keys, rows["query_norm"][mask], minlength=3 * T) / 8  # over the layer's 8 heads
+        grid = means.reshape(3, T)[:, 2:]  # (samples, positions t >= 2)
+        # Ranked against the position: distance from the mean of the 3 samples there, in their standard deviations.
+        deviation = (grid - grid.mean(axis=0)) / grid.std(axis=0, ddof=1)
+        best = np.argsort(-deviation.ravel())[:3]
         got = top.filter(highlight="highest query norm", layer=layer).sort("rank")
-        assert (got["sample_id"] * T + got["token_pos"]).to_list() == best.tolist()
-        np.testing.assert_allclose(got["value"].to_numpy(), means[best], rtol=1e-9)
-        assert got["token"].to_list() == [tokens.filter(sample_id=k // T, token_pos=k % T)["token"][0] for k in best]
+        samples, positions = np.unravel_index(best, grid.shape)
+        assert got["sample_id"].to_list() == samples.tolist() and got["token_pos"].to_list() == (positions + 2).tolist()
+        np.testing.assert_allclose(got["value"].to_numpy(), grid.ravel()[best], rtol=1e-9)
+        np.testing.assert_allclose(got["position_mean"].to_numpy(), grid.mean(axis=0)[positions], rtol=1e-9)
+        np.testing.assert_allclose(got["deviation"].to_numpy(), deviation.ravel()[best], rtol=1e-9)
+        assert got["token"].to_list() == [tokens.filter(sample_id=i, token_pos=t + 2)["token"][0]
+                                          for i, t in zip(samples, positions)]  # fmt: skip
     report = (out / "report.md").read_text()
     assert "highest query norm" in report and f"`{top['token'][0]}`".replace("|", "\\|") in report
     assert "sliding window of W = 16 keys" in report and "partial_q" in report

@@ -21,11 +21,13 @@ from conftest import (
     test_env as subprocess_env,  # as: pytest would collect a test_* name
 )
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from scipy import stats
 from wandb_files import inspect_summary
 
 from spectra.analysis import head_stats
 from spectra.analysis.exports import open_views
+from spectra.analysis.runs import flatten, swept_keys
 from spectra.analyze import analyze
 from spectra.config.paths import config_dir
 from spectra.errors import SpectraError
@@ -102,7 +104,7 @@ def test_correlations_match_scipy(run, rows, skip_positions):
     for row in table.iter_rows(named=True):
         mask = (rows["layer"] == row["layer"]) & (rows["head"] == row["head"]) & (rows["token_pos"] >= skip_positions)
         x, y = rows["query_norm"][mask], rows[row["y"]][mask]
-        assert row["n"] == mask.sum() == 3 * (32 - skip_positions)
+        assert row["tokens"] == mask.sum() == 3 * (32 - skip_positions)
         pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
         np.testing.assert_allclose(row["pearson_r"], pearson.statistic, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(row["pearson_p"], pearson.pvalue, rtol=1e-6)
@@ -116,13 +118,21 @@ def test_p_values_at_the_edges():
     assert p[4] == pytest.approx(1.0)
 
 
-def test_layer_comparison_weights_by_count_and_skips_undefined_r():
-    heads = pl.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "entropy_mean": [1.0, 4.0, 2.0], "entropy_count": [3, 1, 5]})
-    correlations = pl.DataFrame({"layer": [0, 0, 1], "head": [0, 1, 0], "y": ["k_eff"] * 3,
-                                 "spearman_r": [0.5, float("nan"), -0.25]})  # fmt: skip
-    table = head_stats.layer_comparison(heads, correlations)
-    assert table["entropy"].to_list() == [(3 * 1.0 + 1 * 4.0) / 4, 2.0]
-    assert table["r_k_eff"].to_list() == [0.5, -0.25]
+def test_layer_comparison_leaves_out_skipped_positions_and_undefined_r(run, rows):
+    """The layer table's means cover the positions the correlations use (t >= 2), as numpy finds on the rows;
+    its r columns are medians over heads of partial and token-level r, a head without r left out."""
+    profile = head_stats.position_profile(scan(run))
+    correlations = pl.DataFrame({"layer": [0, 0, 0, 1], "head": [0, 1, 2, 0], "y": ["k_eff"] * 4,
+                                 "partial_r": [0.5, float("nan"), 0.1, -0.25], "spearman_r": [0.2, 0.4, 0.9, 0.0]})  # fmt: skip
+    table = head_stats.layer_comparison(profile, correlations, skip_positions=2)
+    reference = with_numpy_ratios(rows)
+    for layer in range(3):
+        mask = (rows["layer"] == layer) & (rows["token_pos"] >= 2)
+        row = table.filter(pl.col("layer") == layer).row(0, named=True)
+        for name in ("entropy", "k_eff", "entropy_normalized"):
+            np.testing.assert_allclose(row[name], reference[name][mask].mean(), rtol=1e-12)
+    assert table["partial_r_k_eff"].to_list()[:2] == pytest.approx([0.3, -0.25])
+    assert table["spearman_r_k_eff"].to_list()[:2] == pytest.approx([0.4, 0.0])
 
 
 def test_position_profile_matches_numpy(run, rows):
@@ -183,13 +193,16 @@ def test_analyze_run_split_over_part_files(run, rows, tmp_path):
     assert strongest["spearman_r"] == pytest.approx(stats.spearmanr(rows["query_norm"][mask], rows["entropy"][mask]).statistic)
     report = (out / "report.md").read_text()
     table_rows = [line for line in report.splitlines() if re.match(r"\| \d+ \| \d+ \| \d+ \| \d+ \|", line)]
+    assert "| layer | head | samples | tokens |" in report  # the token count is `tokens`; n is the visible keys
     assert table_rows[0].startswith(f"| {strongest['layer']} | {strongest['head']} | 3 | 90 |")
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
     assert {"figures/heatmap_entropy.png", "figures/heatmap_max_attn.png", "figures/heatmap_k_eff.png",
-            "figures/heatmap_r_entropy.png", "figures/position_profiles.png", "figures/density_query_norm_entropy.png"} <= set(images)  # fmt: skip
+            "figures/heatmap_partial_r_entropy.png", "figures/position_profiles.png", "figures/density_query_norm_entropy.png"} <= set(images)  # fmt: skip
     for image in images:
         pixels = matplotlib.image.imread(out / image)
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0  # a real picture, not blank
+
+    check_headline_and_warnings(out, rows, report)
 
     # CSV: every row, key columns first, the same values as the Parquet.
     with open(out / "metrics.csv", newline="") as handle:
@@ -210,6 +223,42 @@ def test_analyze_run_split_over_part_files(run, rows, tmp_path):
     assert connection.execute("SELECT count(*) FROM samples").fetchone()[0] == 3
 
 
+def check_headline_and_warnings(out: Path, rows: dict[str, np.ndarray], report: str) -> None:
+    """The report's answer, recomputed from correlations.parquet with numpy; its warnings for 3 samples of a
+    random-weight model; every head without a partial r named with its reason, the reason checked on the rows."""
+    correlations = pl.read_parquet(out / "correlations.parquet")
+    headline = report.split("## Does query norm predict each metric?")[1].split("##")[0]
+    for y in ("entropy", "k_eff", "max_attn"):
+        table = correlations.filter(pl.col("y") == y)
+        r, q = table["partial_r"].to_numpy(), table["partial_q"].to_numpy()
+        significant = np.isfinite(q) & (q < 0.05)
+        negative, positive = int((significant & (r < 0)).sum()), int((significant & (r > 0)).sum())
+        [line] = [line for line in headline.splitlines() if line.startswith(f"- **{y}**")]
+        assert f"median partial r over {np.isfinite(r).sum()} heads = {np.median(r[np.isfinite(r)]):.2f} [" in line
+        if max(negative, positive):
+            lead, word = (negative, "lower") if negative >= positive else (positive, "higher")
+            assert f"in {lead} of 24 heads ({100 * lead / 24:.0f}%" in line and f"goes with {word} {y}" in line
+        else:
+            assert "in none of 24 heads" in line
+
+    warnings = report.split("## Warnings")[1].split("\n## ")[0]
+    assert "**Few samples (3)**: intervals and p-values are not to be trusted below 20 samples" in warnings
+    assert "10 distinct resamples" in warnings and "about 75%" in warnings and "2 degrees of freedom" in warnings
+    assert "**Random weights**: tiny_llama is initialised at random" in warnings
+    assert "| θ (k_eff threshold) | 0.9 | metrics.k_eff_threshold |" in report
+    assert "| bootstrap | 1,000 resamples of whole samples | bootstrap |" in report and "| positions left out | t < 2 |" in report
+
+    undefined = correlations.filter(pl.col("partial_r").is_nan())
+    assert undefined.height > 0 and undefined["partial_note"].null_count() == 0  # random k_eff: some heads flat
+    for row in undefined.iter_rows(named=True):
+        [line] = [w for w in warnings.splitlines() if w.startswith(f"- **{row['y']} undefined in")]
+        assert f"layer {row['layer']} head {row['head']}" in line and row["partial_note"] in line
+        mask = (rows["layer"] == row["layer"]) & (rows["head"] == row["head"]) & (rows["token_pos"] >= 2)
+        grid = rows[row["y"]][mask].reshape(3, 30)  # (samples, positions)
+        assert row["partial_note"] == f"{row['y']} takes one value at each position (the same in every sample)"
+        assert (grid == grid[0]).all() and len(np.unique(grid)) > 1  # the same in every sample, not one value
+
+
 @pytest.mark.slow
 def test_analyze_a_two_job_sweep(tmp_path):
     sweep = tmp_path / "sweep"
@@ -220,7 +269,8 @@ def test_analyze_a_two_job_sweep(tmp_path):
     assert result.returncode == 0, result.stderr
 
     comparison = pl.read_parquet(sweep / "analysis" / "comparison.parquet")
-    assert comparison.height == 2 * 3 and "data.context_length" in comparison.columns
+    assert comparison.height == 2 * 3 and comparison.columns[:2] == ["run", "data.context_length"]
+    assert "data" not in comparison.columns  # data=synthetic was given to both jobs: not swept
     jobs = sorted(path for path in sweep.iterdir() if (path / "run.json").exists())
     for job in jobs:
         context_length = json.loads((job / "run.json").read_text())["config"]["data"]["context_length"]
@@ -229,14 +279,38 @@ def test_analyze_a_two_job_sweep(tmp_path):
         assert (job / "analysis" / "report.md").exists()
         for layer in range(3):
             got = comparison.filter(pl.col("data.context_length") == context_length, pl.col("layer") == layer)
-            np.testing.assert_allclose(got["entropy"][0], rows["entropy"][rows["layer"] == layer].mean(), rtol=1e-12)
-            np.testing.assert_allclose(got["k_eff"][0], rows["k_eff"][rows["layer"] == layer].mean(), rtol=1e-12)
+            used = (rows["layer"] == layer) & (rows["token_pos"] >= 2)  # the positions the statistics use
+            np.testing.assert_allclose(got["entropy"][0], rows["entropy"][used].mean(), rtol=1e-12)
+            np.testing.assert_allclose(got["k_eff"][0], rows["k_eff"][used].mean(), rtol=1e-12)
     assert (sweep / "analysis" / "figures" / "sweep_entropy.png").exists()
     assert "sweep_entropy.png" in (sweep / "analysis" / "report.md").read_text()
 
     connection = open_views(sweep / "analysis")
     counts = dict(connection.execute("SELECT run, count(*) FROM metrics GROUP BY run").fetchall())
     assert sorted(counts.values()) == [2 * 3 * 8 * 16, 2 * 3 * 8 * 32]
+
+
+def test_swept_keys_of_a_model_sweep():
+    """`-m model=tiny_llama,tiny_qwen2 data.context_length=16,32`: the keys swept are `model` and
+    `data.context_length`, not the dozen model.architecture.* values that come with the choice; without Hydra's
+    record of the overrides the model's keys still collapse into one."""
+    settings, overrides = [], []
+    for model in ("tiny_llama", "tiny_qwen2"):
+        for context_length in (16, 32):
+            given = [f"model={model}", "data=synthetic", f"data.context_length={context_length}", "logger=none"]
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=given, return_hydra_config=True)
+            config = OmegaConf.to_container(cfg, resolve=False)
+            choices = config.pop("hydra")["runtime"]["choices"]
+            settings.append({**flatten(config), **{k: v for k, v in choices.items() if "/" not in k}})
+            overrides.append(dict(item.split("=", 1) for item in given))
+    differing = [k for k in settings[0] if len({json.dumps(s.get(k)) for s in settings}) > 1]
+    assert len([k for k in differing if k.startswith("model.architecture.")]) > 5  # what made 19 columns
+    assert swept_keys(settings, overrides) == ["data.context_length", "model"]
+    assert [s["model"] for s in settings] == ["tiny_llama", "tiny_llama", "tiny_qwen2", "tiny_qwen2"]
+    assert swept_keys(settings, [None] * 4) == ["data.context_length", "model"]  # no .hydra/overrides.yaml
+    without_choices = [{k: v for k, v in s.items() if "." in k} for s in settings]  # nor hydra.yaml
+    assert swept_keys(without_choices, [None] * 4) == ["data.context_length", "model.name"]
 
 
 def test_wandb_offline(run, tmp_path):

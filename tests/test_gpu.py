@@ -1,6 +1,7 @@
-"""The capture on CUDA (the torch path of spectra/capture/metrics.py) against eager float64 attention on the
-CPU, for tiny_llama and the real SmolLM2, and in bf16; skipped without a CUDA GPU. scripts/gpu_check.sh runs
-these.
+"""The capture on CUDA against eager float64 attention on the CPU, for tiny_llama and the real SmolLM2, and in
+bf16, on both CUDA paths: the torch path of spectra/capture/metrics.py and the compiled Triton kernel
+(spectra/capture/triton_kernels.py; also its k_eff against the sort definition on its own probabilities, and
+windows, soft-capping and QK-norm); skipped without a CUDA GPU. scripts/gpu_check.sh runs these.
 
     python -m pytest -m gpu tests/test_gpu.py
 
@@ -26,6 +27,7 @@ from reference import eager_reference
 from test_capture import assert_matches_reference
 
 from spectra.capture.hook import AttentionCapture
+from spectra.capture.metrics import triton_importable
 from spectra.models.loading import load_model
 
 DEVICE = torch.device(os.environ.get("SPECTRA_GPU_TEST_DEVICE", "cuda"))
@@ -65,24 +67,33 @@ def smollm2_any(request):
     return load_model(cfg.model, cfg.hardware)
 
 
-def capture_on_device(model, input_ids: torch.Tensor, threshold: float = 0.9) -> dict:
+# The compiled kernel: on CUDA only (SPECTRA_GPU_TEST_DEVICE=cpu would run the interpreter, far too slow here).
+KERNELS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    DEVICE.type != "cuda" or not triton_importable(), reason="the compiled Triton kernel needs CUDA and triton"))]
+needs_compiled_triton = KERNELS[1].marks[0]
+
+
+def capture_on_device(model, input_ids: torch.Tensor, threshold: float = 0.9, metrics_kernel: str = "auto") -> dict:
     on_device = copy.deepcopy(model).to(DEVICE)
-    with AttentionCapture(on_device, k_eff_threshold=threshold) as capture:
+    with AttentionCapture(on_device, k_eff_threshold=threshold, metrics_kernel=metrics_kernel) as capture:
         captured = capture.run(input_ids.to(DEVICE))
     assert captured["entropy"].device.type == DEVICE.type
     return {name: values.cpu() for name, values in captured.items()}
 
 
-def test_tiny_llama_on_cuda_matches_eager_float64(tiny_llama):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_tiny_llama_on_cuda_matches_eager_float64(tiny_llama, kernel):
     input_ids = torch.randint(0, tiny_llama.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(1))
-    assert_matches_reference(capture_on_device(tiny_llama, input_ids), eager_reference(tiny_llama, input_ids, 0.9))
+    captured = capture_on_device(tiny_llama, input_ids, metrics_kernel=kernel)
+    assert_matches_reference(captured, eager_reference(tiny_llama, input_ids, 0.9))
 
 
-def test_smollm2_on_cuda_matches_eager_float64(smollm2_any):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_smollm2_on_cuda_matches_eager_float64(smollm2_any, kernel):
     model, tokenizer = smollm2_any
     text = "The quick brown fox jumps over the lazy dog. " * 60
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:512]])
-    captured = capture_on_device(model, input_ids)
+    captured = capture_on_device(model, input_ids, metrics_kernel=kernel)
     assert captured["entropy"].shape == (model.config.num_hidden_layers, 1, 9, 512)
     assert_matches_reference(captured, eager_reference(model, input_ids, 0.9))
 
@@ -99,7 +110,8 @@ def test_capture_leaves_cuda_logits_unchanged(smollm2_any):
     assert torch.equal(plain, captured)
 
 
-def test_bf16_capture_matches_float64_metrics_of_the_queries_and_keys_it_received(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_bf16_capture_matches_float64_metrics_of_the_queries_and_keys_it_received(tiny_llama, monkeypatch, kernel):
     """hardware=h100 runs the model in bf16. The capture upcasts the bf16 q and k its attention function receives;
     its metrics must equal float64 softmax attention computed from exactly those q and k (causal, GQA by
     repeat_kv's mapping). The float32 tests above check that these are the q and k the model attends with."""
@@ -118,7 +130,7 @@ def test_bf16_capture_matches_float64_metrics_of_the_queries_and_keys_it_receive
 
     monkeypatch.setattr(hook, "attention_metrics", recording)
     input_ids = torch.randint(0, model.config.vocab_size, (2, 300), generator=torch.Generator().manual_seed(3))
-    with AttentionCapture(model, k_eff_threshold=0.9) as capture:
+    with AttentionCapture(model, k_eff_threshold=0.9, metrics_kernel=kernel) as capture:
         captured = {name: values.cpu() for name, values in capture.run(input_ids.to(DEVICE)).items()}
 
     assert len(received) == model.config.num_hidden_layers and {r[0] for r in received} == {torch.bfloat16}
@@ -133,3 +145,60 @@ def test_bf16_capture_matches_float64_metrics_of_the_queries_and_keys_it_receive
         layers.append(layer)
     reference = {name: np.stack([layer[name] for layer in layers]) for name in layers[0]}
     assert_matches_reference(captured, reference)
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("seq_len", [7, 64, 513])
+def test_compiled_triton_k_eff_is_the_sort_definition_on_adversarial_rows(seq_len):
+    """The compiled kernel's k_eff on the adversarial rows equals the sort definition on its own probabilities
+    (which WRITE_PROBS writes from the same program and tiles), every threshold, every row."""
+    from test_fast_metrics import THRESHOLDS, adversarial_rows
+    from test_triton_metrics import assert_k_eff_is_the_sort_definition, embedded_rows, kernel_k_eff_and_probs
+
+    query, key, allowed = embedded_rows(adversarial_rows(seq_len, torch.Generator().manual_seed(seq_len)))
+    for threshold in THRESHOLDS:
+        got, probs = kernel_k_eff_and_probs(query, key, 1.0, threshold, allowed)
+        assert_k_eff_is_the_sort_definition(got, probs, threshold)
+
+
+@needs_compiled_triton
+def test_compiled_triton_k_eff_on_real_smollm2_rows(smollm2_any, monkeypatch):
+    """Every layer of SmolLM2 at 512 tokens: k_eff is the sort definition on the kernel's own probabilities."""
+    from test_triton_metrics import assert_k_eff_is_the_sort_definition, kernel_k_eff_and_probs
+
+    from spectra.capture import hook
+    from spectra.capture.metrics import attention_metrics
+
+    model, tokenizer = smollm2_any
+    text = "Attention sinks, delimiters and the quick brown fox. " * 60
+    input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:512]])
+    received = []
+
+    def record(query, key, scaling, *args, **kwargs):
+        received.append((query, key, scaling))
+        return attention_metrics(query, key, scaling, *args, **kwargs)
+
+    monkeypatch.setattr(hook, "attention_metrics", record)
+    with AttentionCapture(model) as capture:
+        capture.run(input_ids)
+    for query, key, scaling in received:
+        for threshold in (0.5, 0.9, 0.99):
+            got, probs = kernel_k_eff_and_probs(query, key, scaling, threshold)
+            assert_k_eff_is_the_sort_definition(got, probs, threshold)
+
+
+@needs_compiled_triton
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3"])
+def test_compiled_triton_windows_softcap_and_qk_norm_match_eager_float64(arch, monkeypatch):
+    """Sliding windows, soft-capping, QK-norm and GQA through the compiled kernel, against float64 eager."""
+    import test_triton_metrics
+    from test_architectures import assert_matches_reference as assert_matches_eager
+    from test_architectures import eager_reference as architecture_reference
+    from test_architectures import input_ids, tiny_model
+
+    model, ids = tiny_model(test_triton_metrics.architecture_config(arch)), input_ids()
+    reference = architecture_reference(model, ids, monkeypatch)
+    on_device = model.to(DEVICE)
+    with AttentionCapture(on_device, k_eff_threshold=0.9, extended=True, metrics_kernel="triton") as capture:
+        got = {name: values.cpu() for name, values in capture.run(ids.to(DEVICE)).items()}
+    assert_matches_eager(got, reference)

@@ -17,6 +17,12 @@ draws, so a token-level p-value overstates certainty. Per (layer, head) and metr
                       below 3 samples: two samples centred on their mean contribute equally by construction).
     partial_q         Benjamini-Hochberg q-value over all heads of the run, for the same y: the smallest false
                       discovery rate at which this head's partial_p would count as a discovery.
+    partial_note      why partial_r or partial_p is undefined (NaN) for this head, null where both are defined.
+
+The headline of a run (one row per y, `headline`): how many heads have q < 0.05 and in which direction, and the
+median partial r over heads with its 95% interval. The interval resamples whole samples too, the same resamples
+for every head (one seed), so each resample has a median over heads and the interval is that median's percentile
+interval; the per-head resampled r travel along in `partial_draws` until the headline is taken.
 
 Each head's rows form an S x T grid (one row per sample and position); a resample is a vector of counts per
 sample, and the bootstrap reduces to (S, S) cross-product matrices, so B = 1000 costs little even at 8192 tokens.
@@ -26,6 +32,7 @@ sample, and the bootstrap reduces to (S, S) cross-product matrices, so B = 1000 
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -36,9 +43,16 @@ from spectra.errors import SpectraError
 
 CONTROLLED_SCHEMA = {
     "layer": pl.Int16, "head": pl.Int16, "y": pl.String, "samples": pl.Int64, "partial_r": pl.Float64,
-    "partial_ci_low": pl.Float64, "partial_ci_high": pl.Float64, "partial_p": pl.Float64,
+    "partial_ci_low": pl.Float64, "partial_ci_high": pl.Float64, "partial_p": pl.Float64, "partial_note": pl.String,
+    "partial_draws": pl.List(pl.Float64),
 }  # fmt: skip
 CI_LEVEL = 0.95
+Q_LEVEL = 0.05  # the false discovery rate at which the report counts a head as a finding
+HEADLINE_SCHEMA = {
+    "y": pl.String, "heads": pl.Int64, "tested": pl.Int64, "significant": pl.Int64, "positive": pl.Int64,
+    "negative": pl.Int64, "with_r": pl.Int64, "median_r": pl.Float64, "median_ci_low": pl.Float64,
+    "median_ci_high": pl.Float64, "samples": pl.Int64,
+}  # fmt: skip
 
 
 def resample_counts(samples: int, draws: int, seed: int) -> np.ndarray:
@@ -77,22 +91,44 @@ def ranks(values: np.ndarray) -> np.ndarray:
     return rank - rank.mean()
 
 
-def head_partial(rx: np.ndarray, y: np.ndarray, counts: np.ndarray) -> tuple[float, float, float, float]:
-    """(r, ci_low, ci_high, p) for one head and metric; rx: ranks of x, y: (S, T) raw values. NaN where undefined."""
-    samples = rx.shape[0]
-    if samples < 2 or not np.isfinite(y).all():
-        return (np.nan,) * 4
+def constant_note(name: str, values: np.ndarray) -> str:
+    """Why a variable left nothing to correlate: one value everywhere, or one value per position."""
+    if np.all(values == values.flat[0]):
+        return f"{name} = {values.flat[0]:.6g} at every token"
+    return f"{name} takes one value at each position (the same in every sample)"
+
+
+def head_partial(rx, y: np.ndarray, counts: np.ndarray, x_values: np.ndarray, y_name: str, x_name: str) -> tuple:
+    """(r, ci_low, ci_high, p, note, draws) for one head and metric; rx: centred ranks of x (None where x is not
+    finite), y: (S, T) raw values, x_values: x's raw values (for the note). NaN where undefined, and then the note
+    says why; draws: the B resampled r (for the run's headline)."""
+    samples = rx.shape[0] if rx is not None else y.shape[0]
+    undefined = lambda note: (np.nan, np.nan, np.nan, np.nan, note, [])  # noqa: E731
+    if rx is None:
+        return undefined(f"{x_name} has non-finite values")
+    if samples < 2:
+        return undefined("one sample: nothing varies within a position")
+    if not np.isfinite(y).all():
+        return undefined(f"{y_name} has non-finite values")
     ry = ranks(y)
     r = weighted_partial_r(rx, ry, np.ones((1, samples)))[0]
     if not np.isfinite(r):  # y (or x) constant within every position: nothing left to correlate
-        return (np.nan,) * 4
+        # Constant within positions: the position-centred sum of squares is zero up to round-off.
+        constant_x = centred_cross(rx, rx, np.ones((1, samples)))[0] <= 1e-9 * (rx * rx).sum()
+        return undefined(constant_note(x_name, x_values) if constant_x else constant_note(y_name, y))
     boot = weighted_partial_r(rx, ry, counts)
     tail = (1 - CI_LEVEL) / 2 * 100
     low, high = np.nanpercentile(boot, [tail, 100 - tail]) if np.isfinite(boot).any() else (np.nan, np.nan)
     contributions = sample_contributions(rx, ry)
     # Two samples centred on their own mean are mirror images: both contribute the same, so no test exists.
-    p = stats.ttest_1samp(contributions, 0.0).pvalue if samples >= 3 and contributions.std() > 0 else np.nan
-    return float(r), float(low), float(high), float(p)
+    note = None
+    if samples < 3:
+        p, note = np.nan, "2 samples: r, but no test across samples (it needs 3)"
+    elif contributions.std() > 0:
+        p = stats.ttest_1samp(contributions, 0.0).pvalue
+    else:
+        p, note = np.nan, "every sample contributes the same: no test"
+    return float(r), float(low), float(high), float(p), note, boot.tolist()
 
 
 def position_controlled(
@@ -122,12 +158,19 @@ def position_controlled(
     counts = resample_counts(samples, draws, seed)  # the same resamples for every head: comparable intervals
     table = []
     for i, (layer, head) in enumerate(groups.iter_rows()):
-        finite = np.isfinite(grid[x][i]).all()
-        rx = ranks(grid[x][i]) if finite else None
+        rx = ranks(grid[x][i]) if np.isfinite(grid[x][i]).all() else None
         for y in ys:
-            result = head_partial(rx, grid[y][i], counts) if finite else (np.nan,) * 4
-            table.append((layer, head, y, samples, *result))
+            table.append((layer, head, y, samples, *head_partial(rx, grid[y][i], counts, grid[x][i], y, x)))
     return pl.DataFrame(table, schema=CONTROLLED_SCHEMA, orient="row")
+
+
+def position_residual_ranks(values: np.ndarray) -> np.ndarray:
+    """(S, T) -> (S, T): what partial_r correlates, on a readable scale: each value's rank over the head's
+    tokens minus its position's mean rank, in standard deviations of that residual (all zero where it is 0)."""
+    centred = ranks(values)
+    residual = centred - centred.mean(axis=0)
+    spread = residual.std()
+    return residual / spread if spread > 0 else residual
 
 
 def q_values(p: np.ndarray) -> np.ndarray:
@@ -138,6 +181,32 @@ def q_values(p: np.ndarray) -> np.ndarray:
     if finite.any():
         q[finite] = stats.false_discovery_control(p[finite], method="bh")
     return q
+
+
+def headline(table: pl.DataFrame, level: float = Q_LEVEL) -> pl.DataFrame:
+    """One row per y: heads, tested (a q exists), significant (q < level) split by the sign of partial_r, and the
+    median partial r over the heads where it is defined (with_r), with the percentile interval of that median
+    over the shared resamples (partial_draws: the same B resamples of samples for every head)."""
+    rows = []
+    for (y,), part in table.group_by("y", maintain_order=True):
+        q, r = part["partial_q"].fill_null(np.nan).to_numpy(), part["partial_r"].fill_null(np.nan).to_numpy()
+        significant = np.isfinite(q) & (q < level)
+        defined = np.isfinite(r)
+        median, low, high = np.nan, np.nan, np.nan
+        if defined.any():
+            median = float(np.median(r[defined]))
+            draws = np.array([d for d, ok in zip(part["partial_draws"].to_list(), defined) if ok and len(d)])
+            if draws.size:  # (heads, B)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # a resample where no head has an r
+                    medians = np.nanmedian(draws, axis=0)  # (B,)
+                if np.isfinite(medians).any():
+                    tail = (1 - CI_LEVEL) / 2 * 100
+                    low, high = np.nanpercentile(medians, [tail, 100 - tail])
+        rows.append((y, part.height, int(np.isfinite(q).sum()), int(significant.sum()),
+                     int((significant & (r > 0)).sum()), int((significant & (r < 0)).sum()), int(defined.sum()),
+                     median, float(low), float(high), int(part["samples"].max())))  # fmt: skip
+    return pl.DataFrame(rows, schema=HEADLINE_SCHEMA, orient="row").sort("y")
 
 
 def with_q_values(table: pl.DataFrame) -> pl.DataFrame:

@@ -3,9 +3,10 @@
 No files, no figures: spectra/analyze.py feeds these a `scan_parquet` of a run and writes what they return.
 
     head_summary        count, mean, std, min, quantiles, max of every metric, per (layer, head)
-    head_correlations   Pearson and Spearman r of query_norm with every other metric, n and p-values
+    head_correlations   Pearson and Spearman r of query_norm with every other metric, tokens and p-values
     position_profile    mean of every metric per (layer, token position)
-    layer_comparison    per-layer means of one run, from its head summary (rows of a sweep comparison)
+    layer_comparison    per-layer means of one run over the positions the correlations use, and median partial r
+                        (the report's layer table, and the rows of a sweep comparison)
 
 Memory: the summary and correlations need a group's rows at once (quantiles, ranks), so `by_layer` runs them
 one layer at a time; a pass holds one layer's rows of the columns it reads. The position profile is means only
@@ -35,7 +36,7 @@ RATIOS = {
 
 
 CORRELATION_SCHEMA = {
-    "layer": pl.Int16, "head": pl.Int16, "x": pl.String, "y": pl.String, "n": pl.Int64,
+    "layer": pl.Int16, "head": pl.Int16, "x": pl.String, "y": pl.String, "tokens": pl.Int64,
     "pearson_r": pl.Float64, "pearson_p": pl.Float64, "spearman_r": pl.Float64, "spearman_p": pl.Float64,
 }  # fmt: skip
 
@@ -119,7 +120,8 @@ def t_test_p(r: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def head_correlations(lf: pl.LazyFrame, skip_positions: int = 2, x: str = "query_norm") -> pl.DataFrame:
-    """Long table, one row per (layer, head, y): n, pearson_r/p, spearman_r/p of x with every other metric y.
+    """Long table, one row per (layer, head, y): tokens (the pairs correlated), pearson_r/p, spearman_r/p of x
+    with every other metric y.
 
     Positions t < skip_positions are left out (at t = 0 a query sees one key: entropy 0, max_attn 1, k_eff 1,
     whatever its norm). Spearman ranks are taken within each (layer, head), ties get their average rank.
@@ -133,7 +135,7 @@ def head_correlations(lf: pl.LazyFrame, skip_positions: int = 2, x: str = "query
     for y in (m for m in metrics if m != x):
         pairs = lf.select("layer", "head", x, y).drop_nulls().drop_nans()
         table = pairs.group_by("layer", "head").agg(
-            pl.len().cast(pl.Int64).alias("n"),
+            pl.len().cast(pl.Int64).alias("tokens"),
             pl.corr(x, y, method="pearson").alias("pearson_r"),
             pl.corr(x, y, method="spearman").alias("spearman_r"),
         )
@@ -141,8 +143,8 @@ def head_correlations(lf: pl.LazyFrame, skip_positions: int = 2, x: str = "query
     table = pl.concat(tables).collect(engine="streaming")
     return (
         table.with_columns(
-            pl.Series("pearson_p", t_test_p(table["pearson_r"].to_numpy(), table["n"].to_numpy())),
-            pl.Series("spearman_p", t_test_p(table["spearman_r"].to_numpy(), table["n"].to_numpy())),
+            pl.Series("pearson_p", t_test_p(table["pearson_r"].to_numpy(), table["tokens"].to_numpy())),
+            pl.Series("spearman_p", t_test_p(table["spearman_r"].to_numpy(), table["tokens"].to_numpy())),
         )
         .select(list(CORRELATION_SCHEMA))
         .sort("y", "layer", "head")
@@ -172,20 +174,23 @@ def position_profile(lf: pl.LazyFrame, windows: Sequence | None = None) -> pl.Da
     )
 
 
-def layer_comparison(heads: pl.DataFrame, correlations: pl.DataFrame) -> pl.DataFrame:
-    """One row per layer: every metric's mean over all its heads' rows (count-weighted, so exact), and the mean
-    over heads of each query_norm correlation's Spearman r (`r_<y>`, over the heads where r is defined)."""
-    means = [c[: -len("_mean")] for c in heads.columns if c.endswith("_mean")]
-    table = heads.group_by("layer").agg(
-        [((pl.col(f"{m}_mean") * pl.col(f"{m}_count")).sum() / pl.col(f"{m}_count").sum()).alias(m) for m in means]
-    )
+def layer_comparison(profile: pl.DataFrame, correlations: pl.DataFrame, skip_positions: int) -> pl.DataFrame:
+    """One row per layer: every metric's mean over the tokens t >= skip_positions (the positions the correlations
+    use; from the position profile, weighted by its row counts, so exact), and per y the median over the layer's
+    heads of the position-controlled `partial_r_<y>` and of the token-level `spearman_r_<y>` (over the heads
+    where it is defined: a head whose y never varies has none)."""
+    metrics = [c for c in profile.columns if c not in ("layer", "token_pos", "rows")]
+    weight = pl.col("rows").cast(pl.Float64)
+    means = [((pl.col(m) * weight).sum() / weight.filter(pl.col(m).is_not_null()).sum()).alias(m) for m in metrics]
+    table = profile.filter(pl.col("token_pos") >= skip_positions).group_by("layer").agg(means)
     if correlations.height:
-        r = correlations.pivot(on="y", index=["layer", "head"], values="spearman_r")
-        # A head whose y never varies (k_eff always 1) has no r; average over the heads that have one.
-        r = r.group_by("layer").agg(
-            [pl.col(y).fill_nan(None).mean().alias(f"r_{y}") for y in r.columns if y not in ("layer", "head")]
-        )
-        table = table.join(r, on="layer", how="left")
+        for column in ("partial_r", "spearman_r"):
+            if column not in correlations.columns:
+                continue
+            r = correlations.pivot(on="y", index=["layer", "head"], values=column)
+            ys = [y for y in r.columns if y not in ("layer", "head")]
+            r = r.group_by("layer").agg([pl.col(y).fill_nan(None).median().alias(f"{column}_{y}") for y in ys])
+            table = table.join(r, on="layer", how="left")
     return table.sort("layer")
 
 

@@ -97,3 +97,66 @@ class RunAnalysis:
     windows: Optional[list] = None  # run.json's model.attention_windows; None: not recorded
     top_tokens: Optional[pl.DataFrame] = None  # tokens.top_tokens; None when the tokenizer did not load
     tokens_note: str = ""  # why there is no token text, when there is none
+    headline: Optional[pl.DataFrame] = None  # controlled.headline: per y, heads with q < 0.05, median partial r
+
+
+IGNORED_KEYS = ("run.output_dir", "run.resume", "run.dry_run")  # where and how a run was written, not what
+
+
+def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"data.context_length": 512, ...}; values other than scalars as their text."""
+    items = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            items.update(flatten(value, f"{prefix}{key}."))
+        else:
+            items[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+    return items
+
+
+def read_yaml(path: Path) -> Any:
+    import yaml  # Hydra's own dependency
+
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
+def job_overrides(run: Path) -> Optional[dict[str, str]]:
+    """The run's command-line overrides as {key: value} (Hydra's .hydra/overrides.yaml: `model=tiny_llama` is
+    {"model": "tiny_llama"}), None where Hydra kept no record. Hydra's own settings (hydra.*, hydra/launcher=)
+    and where the run writes are not settings of the measurement."""
+    overrides = read_yaml(run / ".hydra" / "overrides.yaml")
+    if not isinstance(overrides, list):
+        return None
+    pairs = (str(item).split("=", 1) for item in overrides if "=" in str(item))
+    cleaned = {key.lstrip("+~"): value for key, value in pairs}
+    return {k: v for k, v in cleaned.items() if not k.startswith("hydra") and k not in IGNORED_KEYS}
+
+
+def run_settings(run: Path, record: dict) -> dict[str, Any]:
+    """Every setting of a run by the name a user types: flattened config keys, and each config group's choice
+    (`model`: "tiny_llama", from Hydra's record of the run) under the group's name."""
+    settings = flatten(record.get("config", {}))
+    hydra = read_yaml(run / ".hydra" / "hydra.yaml") or {}
+    choices = (((hydra.get("hydra") or {}).get("runtime") or {}).get("choices")) or {}
+    settings.update({group: choice for group, choice in choices.items() if "/" not in group})
+    return settings
+
+
+
+def swept_keys(settings: list[dict[str, Any]], overrides: list[Optional[dict[str, str]]]) -> list[str]:
+    """The keys the user swept: among the keys given on the command line (overrides), those whose values differ
+    between runs. A sweep over `model=` is one key, `model`, not every `model.architecture.*` value that comes
+    with the choice. Runs without Hydra's record: every config key that differs, less the keys of a group whose
+    choice (or name) differs itself."""
+    value = lambda s, key: json.dumps(s.get(key), sort_keys=True, default=str)  # noqa: E731
+    differs = lambda key: len({value(s, key) for s in settings}) > 1  # noqa: E731
+    if all(o is not None for o in overrides):
+        keys = sorted(set().union(*overrides))
+        for s, o in zip(settings, overrides):  # a `+key=` the config does not know: its text
+            s.update({k: v for k, v in o.items() if k not in s})
+        return [key for key in keys if differs(key)]
+    keys = sorted(k for k in set().union(*settings) if k not in IGNORED_KEYS and differs(k))
+    # A group whose choice differs (`model`, or `model.name` where no choice was recorded) stands for its keys.
+    groups = {k for k in keys if "." not in k} | {k.split(".")[0] for k in keys if k.count(".") == 1 and k.endswith(".name")}
+    representative = {g: g if g in keys else f"{g}.name" for g in groups}
+    return [k for k in keys if k.split(".")[0] not in groups or k == representative[k.split(".")[0]]]

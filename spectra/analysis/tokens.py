@@ -24,8 +24,7 @@ from spectra.errors import SpectraError
 from spectra.store.writer import write_parquet_atomic
 
 CONTEXT = 4  # pieces shown on each side of a token
-# (column, label, largest first?) of what the report ranks per layer; entropy is normalized so that positions
-# (which see different numbers of keys) compare fairly.
+# (column, label, largest first?) of what the report ranks per layer, each against its position's mean.
 HIGHLIGHTS = (
     ("query_norm", "highest query norm", True),
     ("entropy_normalized", "lowest normalized entropy", False),
@@ -86,9 +85,13 @@ def token_context(tokens: pl.DataFrame, sample_id: int, token_pos: int) -> str:
 def top_tokens(
     lf: pl.LazyFrame, tokens: pl.DataFrame, windows: Sequence | None, skip_positions: int, top: int
 ) -> pl.DataFrame:
-    """Per layer and highlight: the `top` (sample, position) rows whose value averaged over the layer's heads is
-    most extreme, positions t < skip_positions left out (t = 0 sees one key). Long table: layer, highlight,
-    rank, sample_id, token_pos, value, token, context."""
+    """Per layer and highlight: the `top` (sample, position) rows whose value, averaged over the layer's heads,
+    lies furthest from the mean of all samples at the same position, in standard deviations of the samples at
+    that position (in the highlight's direction; 2 samples or more needed), positions
+    t < skip_positions left out as the correlations leave them out. Ranked against the position, as the
+    position-controlled statistics are: raw values would fill the table with early positions, where a query sees
+    a handful of keys. Long table: layer, highlight, rank, sample_id, token_pos, value, position_mean, deviation
+    (the standard deviations), token, context."""
     lf = with_ratios(lf, windows)
     present = [h for h in HIGHLIGHTS if h[0] in lf.collect_schema()]
     if not present:
@@ -103,7 +106,13 @@ def top_tokens(
     for name, label, largest in present:
         ranked = (
             means.drop_nulls(name)
-            .sort(name, descending=largest)
+            .with_columns(pl.col(name).mean().over("layer", "token_pos").alias("position_mean"))
+            # In standard deviations of the position's spread: early positions vary more from sample to sample,
+            # and a raw difference would let them fill the table again.
+            .with_columns(((pl.col(name) - pl.col("position_mean")) / pl.col(name).std().over("layer", "token_pos"))
+                          .fill_nan(None).alias("deviation"))  # fmt: skip
+            .drop_nulls("deviation")
+            .sort("deviation", descending=largest)
             .group_by("layer", maintain_order=True)
             .head(top)
             .with_columns(
@@ -111,7 +120,7 @@ def top_tokens(
                 pl.lit(label).alias("highlight"),
                 pl.int_range(pl.len()).over("layer").add(1).alias("rank"),
             )
-            .select("layer", "highlight", "rank", "sample_id", "token_pos", "value")
+            .select("layer", "highlight", "rank", "sample_id", "token_pos", "value", "position_mean", "deviation")
             .sort("layer", "rank")
         )
         tables.append(ranked)

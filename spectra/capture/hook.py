@@ -16,6 +16,7 @@ something the metrics cannot see (relative-position biases, sink logits, bidirec
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
 from typing import Any, Callable
 
@@ -32,12 +33,14 @@ from spectra.capture.metrics import (
     EXTENDED_METRIC_FIELDS,
     METRIC_FIELDS,
     attention_metrics,
+    metrics_path,
     prototype_scaling,
 )
 from spectra.crashpoints import crash_point
 from spectra.errors import SpectraError
 
 ATTENTION_NAME = "spectra_capture"
+logger = logging.getLogger(__name__)
 
 # Attention-function arguments that change the scores in ways the metrics do not model (found by reading every
 # `attention_interface(...)` call in transformers 5.24): a model passing one of them is refused, not measured.
@@ -117,12 +120,15 @@ class AttentionCapture:
         attention: str = "post_rope",
         block_bytes: int = 256 * 2**20,
         extended: bool = False,
+        metrics_kernel: str = "auto",
     ):
         self.model = model
         self.k_eff_threshold = k_eff_threshold
         self.attention = attention
         self.block_bytes = block_bytes
         self.extended = extended  # also compute metrics.EXTENDED_METRIC_FIELDS
+        self.metrics_kernel = metrics_kernel  # hardware.metrics_kernel
+        self._paths_logged: set[int] = set()  # layers whose metrics path the log already named
         self._layers: dict[int, Any] = {}
         self._pre_rope: dict[tuple[int, str], torch.Tensor] = {}
         self._hooks: list[Any] = []
@@ -137,6 +143,7 @@ class AttentionCapture:
             attention=metrics_cfg.attention,
             block_bytes=hardware_cfg.attention_block_mb * 2**20,
             extended=any(name in EXTENDED_METRIC_FIELDS for name in metrics_cfg.names),
+            metrics_kernel=hardware_cfg.metrics_kernel,
         )
 
     def __enter__(self) -> "AttentionCapture":
@@ -204,6 +211,15 @@ class AttentionCapture:
                 "attn_implementation='eager'"
             )
 
+    def _log_path(self, layer: int, query, key, allowed) -> None:
+        """Says once per layer which kernel computes its metrics, and why when it is not the one asked for."""
+        if layer in self._paths_logged:
+            return
+        self._paths_logged.add(layer)
+        kernel, reason = metrics_path(self.metrics_kernel, query, key, allowed)
+        because = f" ({self.metrics_kernel} cannot: {reason})" if reason else ""
+        logger.info("layer %d: attention metrics on the %s path%s", layer, kernel, because)
+
     def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         layer = module.layer_idx
         self._refuse_unfaithful(module, kwargs)
@@ -212,16 +228,20 @@ class AttentionCapture:
             # (B, T, H*D) -> (B, H, T, D), as the model does before applying RoPE
             q = self._pre_rope.pop((layer, "q_proj")).view(batch, seq_len, -1, head_dim).transpose(1, 2)
             k = self._pre_rope.pop((layer, "k_proj")).view(batch, seq_len, -1, head_dim).transpose(1, 2)
+            self._log_path(layer, q, k, None)
             self._layers[layer] = attention_metrics(
-                q, k, prototype_scaling(head_dim), self.k_eff_threshold, None, self.block_bytes, extended=self.extended
+                q, k, prototype_scaling(head_dim), self.k_eff_threshold, None, self.block_bytes, extended=self.extended,
+                metrics_kernel=self.metrics_kernel,
             )
         else:
+            allowed = _allowed_from_mask(attention_mask, type(module).__name__)
+            self._log_path(layer, query, key, allowed)
             self._layers[layer] = attention_metrics(
                 query,
                 key,
                 scaling if scaling is not None else module.scaling,
                 self.k_eff_threshold,
-                _allowed_from_mask(attention_mask, type(module).__name__),
+                allowed,
                 self.block_bytes,
                 softcap=kwargs.get("softcap"),
                 # A mask, when there is one, already carries the window and is all SDPA and eager attention
@@ -229,6 +249,7 @@ class AttentionCapture:
                 # attention apply the window from this argument.
                 sliding_window=kwargs.get("sliding_window") if attention_mask is None else None,
                 extended=self.extended,
+                metrics_kernel=self.metrics_kernel,
             )
         crash_point("attention-layer")  # tests: SIGKILL mid-batch
         if self._previous_implementation == "eager":

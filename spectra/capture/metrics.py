@@ -32,6 +32,7 @@ query head h reads KV head h // (H / KV).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import NamedTuple
 
@@ -115,6 +116,38 @@ def _k_eff_topk(e: torch.Tensor, partition: torch.Tensor, threshold: float, firs
     return k_eff
 
 
+METRICS_KERNELS = ("auto", "numba", "torch", "triton")  # hardware.metrics_kernel
+
+
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def metrics_path(
+    requested: str, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor | None
+) -> tuple[str, str | None]:
+    """(kernel that computes this layer: numba | torch | triton, why it is not the one asked for or None).
+
+    auto: numba on the CPU, triton on a CUDA device when triton imports, torch otherwise. What the Triton kernel
+    cannot cover falls back to the torch path, which runs on any device.
+    """
+    if requested not in METRICS_KERNELS:
+        raise ValueError(f"metrics kernel must be one of {METRICS_KERNELS}, got {requested!r}")
+    device = query.device.type
+    kernel = requested
+    if requested == "auto":
+        kernel = "numba" if device == "cpu" else "triton" if device == "cuda" and triton_importable() else "torch"
+    if kernel == "numba" and device != "cpu":
+        raise ValueError(f"the numba kernels run on the CPU only, not on {device}")
+    if kernel == "triton":
+        from spectra.capture import triton_metrics
+
+        reason = triton_metrics.unsupported_reason(query, key, allowed)
+        if reason is not None:
+            return "torch", reason
+    return kernel, None
+
+
 def _padded(keys: int) -> int:
     """keys rounded up to a multiple of 16 (float32 rows of whole 64-byte lines)."""
     return -(-keys // 16) * 16
@@ -141,6 +174,7 @@ def attention_metrics(
     softcap: float | None = None,
     sliding_window: int | None = None,
     extended: bool = False,
+    metrics_kernel: str = "auto",
 ) -> AttentionMetrics:
     """Metrics of softmax(scaling * q k^T) under a causal mask (and `allowed`, if given).
 
@@ -151,6 +185,7 @@ def attention_metrics(
     softcap        scores become softcap * tanh(scores / softcap) before masking, as Gemma 2 computes them
     sliding_window query t sees keys j with t - j < sliding_window (on top of `allowed`)
     extended       also compute the extended metrics (see the module docstring)
+    metrics_kernel auto | numba | torch | triton (see `metrics_path`)
     """
     batch, heads, seq_len, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -176,7 +211,12 @@ def attention_metrics(
         key_norm = key.float().norm(dim=-1).unsqueeze(2).expand(batch, kv_heads, groups, seq_len)
         out["key_norm"] = key_norm.reshape(batch, heads, seq_len)
 
-    reduce_block = _reduce_block_cpu if device.type == "cpu" else _reduce_block_torch
+    kernel, _ = metrics_path(metrics_kernel, query, key, allowed)
+    if kernel == "triton":
+        out |= _layer_metrics_triton(query, key, scaling, k_eff_threshold, allowed, softcap, sliding_window)
+        return AttentionMetrics(*(out.get(name) if extended or name in DEFAULT_METRIC_FIELDS else None
+                                  for name in METRIC_FIELDS))
+    reduce_block = _reduce_block_cpu if kernel == "numba" else _reduce_block_torch
     rows = _block_rows(batch, heads, seq_len, block_bytes)
     # One scratch tensor holds every block's scores, rows padded to 16 keys (64 bytes): a fresh multi-MB tensor
     # per block paid its page faults on every block, and an unaligned row stride slows the CPU matmul (the two
@@ -220,6 +260,18 @@ def attention_metrics(
 
     return AttentionMetrics(*(out.get(name) if extended or name in DEFAULT_METRIC_FIELDS else None
                               for name in METRIC_FIELDS))
+
+
+def _layer_metrics_triton(query, key, scaling, threshold, allowed, softcap, sliding_window) -> dict[str, torch.Tensor]:
+    """The whole layer in the Triton kernel (no score block in memory); rows it leaves undecided (thresholds within
+    ~n 2^-29 of 1 only) get the sort definition on the kernel's own probabilities."""
+    from spectra.capture import triton_metrics
+
+    result, undecided = triton_metrics.layer_metrics(query, key, scaling, threshold, allowed, softcap, sliding_window)
+    if undecided is not None:
+        rows, probs = undecided
+        result["k_eff"].view(-1)[rows] = k_eff_from_probs(probs.cpu(), threshold).to(rows.device)
+    return result
 
 
 def _reduce_block_cpu(scores, lo, hi, first_key, query_pos, threshold, extended) -> dict[str, torch.Tensor]:

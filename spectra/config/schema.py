@@ -9,13 +9,14 @@ which also catches keys smuggled in with a leading `+`, then checks values Hydra
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from spectra.capture.metrics import DEFAULT_METRIC_FIELDS
+from spectra.capture.metrics import DEFAULT_METRIC_FIELDS, METRICS_KERNELS, triton_importable
 from spectra.capture.metrics import METRIC_FIELDS as METRIC_NAMES
 from spectra.errors import ConfigError
 from spectra.launch.distributed import format_launch_time
@@ -81,6 +82,10 @@ class HardwareConfig:
     batch_size: int = 1  # samples per forward pass
     num_threads: Optional[int] = None  # torch CPU threads; None leaves torch's default
     attention_block_mb: int = 256  # memory budget for one block of a layer's attention scores
+    # What reduces the scores to metrics: auto (numba on the CPU, triton on a CUDA GPU when triton imports, torch
+    # otherwise) | numba (the CPU kernels) | torch (torch ops, any device) | triton (the fused kernel; on the CPU
+    # only in Triton's interpreter, TRITON_INTERPRET=1). A layer the chosen kernel cannot cover runs on torch.
+    metrics_kernel: str = "auto"
 
 
 @dataclass
@@ -192,6 +197,27 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         device == "cpu" or device == "cuda" or device.startswith("cuda:"),
         "hardware.device",
         f"must be cpu, cuda or cuda:N, got {device!r}",
+    )
+    kernel = cfg.hardware.metrics_kernel
+    _require(
+        kernel in METRICS_KERNELS,
+        "hardware.metrics_kernel",
+        f"must be one of {', '.join(METRICS_KERNELS)}, got {kernel!r}",
+    )
+    _require(
+        kernel != "numba" or device == "cpu",
+        "hardware.metrics_kernel",
+        f"numba runs on the CPU only; with hardware.device={device} use auto, triton or torch",
+    )
+    _require(
+        kernel != "triton" or triton_importable(),
+        "hardware.metrics_kernel",
+        "triton is not installed; `pip install triton` (scripts/setup.sh does) or use auto",
+    )
+    _require(
+        kernel != "triton" or device != "cpu" or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"),
+        "hardware.metrics_kernel",
+        "triton on the CPU runs only in Triton's interpreter: set TRITON_INTERPRET=1 (slow; for tests) or use auto",
     )
     _require(
         cfg.run.on_nonfinite in ("error", "record"),
