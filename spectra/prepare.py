@@ -51,7 +51,7 @@ def print_summary(manifest: dict, data_dir: str, built: bool) -> None:
 def main(cfg: DictConfig) -> None:
     # A fault leaves nothing behind: shards.prepare removes the half-built folder.
     with ends_in_one_line(
-        lambda: "nothing was kept; free space, then run the same command",
+        lambda: "nothing was kept; free space (or choose a writable data.data_dir), then run the same command",
         lambda: "nothing was kept; run the same command again",
     ):
         cfg = checked_config(cfg)
@@ -67,6 +67,9 @@ def cli() -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if not any(arg.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for arg in sys.argv[1:]):
+        # Preparation writes only data.data_dir: no run folder for Hydra to make (outputs/ may not be writable).
+        sys.argv.append("hydra.run.dir=.")
     with stop_signals_as_interrupt():
         hydra_entrypoint(main, "config", "spectra")
 

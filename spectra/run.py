@@ -39,14 +39,9 @@ from spectra.capture.hook import AttentionCapture, metrics_to_host
 from spectra.capture.numerics import NumericsGuard, nonfinite_summary
 from spectra.config.paths import config_dir, hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
-from spectra.config.validate import (
-    Plan,
-    check_command_line,
-    dry_run_report,
-    flags_first,
-    output_key,
-    preflight,
-)
+from spectra.config.command_line import check_command_line, flags_first
+from spectra.config.dry_run import dry_run_estimate, dry_run_report, sweep_total
+from spectra.config.plan import Plan, output_key, preflight
 from spectra.errors import SpectraError, ends_in_one_line, stop_signals_as_interrupt
 from spectra.launch.distributed import (
     World,
@@ -161,7 +156,14 @@ def capture(
     capture_started = time.perf_counter()
     with (
         AttentionCapture.from_config(model, cfg.metrics, cfg.hardware) as attention,
-        PartWriter(out / "metrics", schema, manifest=manifest) as writer,
+        PartWriter(
+            out / "metrics",
+            schema,
+            manifest=manifest,
+            codec=cfg.hardware.parquet_codec,
+            threads=cfg.hardware.writer_threads,
+            check=guard.check,  # in batch order, on each batch's host copy, before its part is written
+        ) as writer,
         tqdm(
             total=own_tokens, unit="tok", unit_scale=True, desc="capture", dynamic_ncols=True, disable=not world.is_main
         ) as progress,
@@ -173,10 +175,9 @@ def capture(
                 continue
             input_ids = torch.from_numpy(np.stack([s.input_ids for s in batch])).to(model.device)  # (B, T)
             metrics = attention.run(input_ids)  # name -> (L, B, H, T), on the model's device
-            # One device-to-host copy per batch; the guard reads the host copy, the writer thread writes it.
-            host = metrics_to_host(metrics, names)
-            guard.check(host, [s.sample_id for s in batch])
-            writer.put(np.array([s.sample_id for s in batch]), host)
+            # One asynchronous device-to-host copy per batch: a writer thread waits for it, checks it and writes
+            # the part while this thread captures the next batch (a full queue makes put wait).
+            writer.put(np.array([s.sample_id for s in batch]), metrics_to_host(metrics, names))
             progress.update(input_ids.numel())
             done = first + len(batch)
             tracker.log_progress(
@@ -336,11 +337,27 @@ def resume_command(composed: DictConfig, out: Path) -> str:
     return " ".join([program, *map(shlex.quote, arguments)])
 
 
+def dry_run(jobs: list[tuple[DictConfig, Path]]) -> None:
+    """Each job's plan (preflight only: no weights, no samples built, nothing written), and a sweep's total. Under
+    torchrun, rank 0 alone prints it."""
+    totals = []
+    for cfg, out in jobs:
+        report, total = dry_run_estimate(cfg, preflight(cfg, out))
+        totals.append(total)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(report)
+    if len(jobs) > 1 and int(os.environ.get("RANK", "0")) == 0:
+        print(sweep_total(totals))
+
+
 def cli() -> None:
     """`python -m spectra.run`: a bad command line ends in one line, before Hydra creates a run directory."""
     try:
         sys.argv[1:] = flags_first(sys.argv[1:])  # `-m` anywhere: Hydra reads sys.argv itself
-        check_command_line(sys.argv[1:], config_dir())
+        jobs = check_command_line(sys.argv[1:], config_dir())
+        if jobs and all(cfg.run.dry_run for cfg, _ in jobs):
+            dry_run(jobs)  # here, not under Hydra, which would leave an empty run folder behind
+            return
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)

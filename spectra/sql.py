@@ -59,6 +59,20 @@ def run_query(connection, query: str) -> None:
         result.show(max_rows=200, max_width=200)
 
 
+def views(folder: Path):
+    """The connection with the analysis' views; a file the views name that is gone or damaged is one line."""
+    import duckdb
+
+    try:
+        return open_views(folder)
+    except (duckdb.Error, OSError, UnicodeDecodeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SpectraError(
+            f"{folder / VIEWS_FILE}: its views cannot be opened ({first}); run python -m spectra.analyze "
+            f"run_dir=<the run or sweep folder> again"
+        ) from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other Spectra error, not argparse's usage dump
         raise SpectraError(f"{message}; usage: python -m spectra.sql <run folder> [SQL]")
@@ -72,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
         folder = views_folder(args.folder)
         verify_runs(folder)
-        connection = open_views(folder)
+        connection = views(folder)
         for query in [args.query] if args.query else statements(sys.stdin):
             run_query(connection, query)
     except SpectraError as error:

@@ -322,6 +322,9 @@ def test_wandb_offline(run, tmp_path):
     top = head_stats.strongest_heads(pl.read_parquet(out / "correlations.parquet"), "entropy", 1, "partial_r")
     assert summary["strongest_head"] == f"L{top['layer'][0]}H{top['head'][0]}"
     assert summary["heads"]["nrows"] == 24 and summary["figures/heatmap_entropy"]["_type"] == "image-file"
+    # The explorer's tables (analysis/explorer.py), as W&B tables.
+    assert summary["explorer_heads"]["nrows"] == 24 and summary["explorer_heads"]["_type"] == "table-file"
+    assert summary["top_tokens"]["nrows"] == pl.read_parquet(out / "top_tokens.parquet").height > 0
 
 
 def test_bad_inputs_are_one_line_errors(run, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from conftest import run_spectra, run_spectra_inprocess
 from test_validation import assert_one_line_error
 
-from spectra.config.validate import flags_first
+from spectra.config.command_line import flags_first
 from spectra.errors import SpectraError
 
 

@@ -187,7 +187,7 @@ def test_metrics_to_host_is_bit_exact():
         "entropy": torch.tensor([[[[0.1, float("nan"), -0.0]]]]),
         "k_eff": torch.tensor([[[[1, 2**31 - 1, 7]]]], dtype=torch.int32),
     }
-    host = metrics_to_host(metrics, ["k_eff", "entropy"])
+    host = metrics_to_host(metrics, ["k_eff", "entropy"]).wait()
     assert host["k_eff"].dtype == np.int32 and host["k_eff"].tolist() == [[[[1, 2**31 - 1, 7]]]]
     np.testing.assert_array_equal(host["entropy"].view(np.uint32), metrics["entropy"].numpy().view(np.uint32))
 

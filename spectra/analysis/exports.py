@@ -5,7 +5,7 @@
     cd <run>/analysis && duckdb -init duckdb_views.sql     # the same views in the duckdb CLI, if you have it
 
 The views name their files relative to the script's folder, so a run folder can be moved or copied; DuckDB
-resolves relative paths against its working directory or its `file_search_path` (spectra.sql sets it).
+resolves relative paths against its working directory; spectra.sql makes them absolute when it reads the script.
 
 The CSV is streamed from the part files (never held in memory): one row per (sample, layer, head, token) with
 the key columns and then the metric columns, in the files' order.
@@ -14,6 +14,7 @@ the key columns and then the metric columns, in the files' order.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -110,12 +111,25 @@ def duckdb_views(runs: Sequence[ViewSource], path: Path) -> Path:
     return path
 
 
+def absolute_paths(script: str, folder: Path) -> str:
+    """The views' relative paths made absolute, with each glob expanded here into a list of files: DuckDB's
+    file_search_path is comma-separated and every Hydra sweep job's folder name holds commas, and DuckDB's own glob
+    reads the [ ] of a list-valued override as a character class."""
+
+    def absolute(match: re.Match) -> str:
+        path = folder.resolve() / match.group(1).replace("''", "'")
+        if "*" not in path.name:
+            return f"read_parquet({sql_string(os.path.normpath(path))})"
+        files = sorted(Path(os.path.normpath(path.parent)).glob(path.name))  # pathlib: the folder part is literal
+        return "read_parquet([" + ", ".join(sql_string(str(f)) for f in files) + "])"
+
+    return re.sub(r"read_parquet\('((?:[^']|'')*)'\)", absolute, script)
+
+
 def open_views(folder: Path):
     """A DuckDB connection with the views of `folder`'s duckdb_views.sql, its relative paths resolved there."""
     import duckdb
 
     connection = duckdb.connect()
-    # file_search_path is read at query time, so it must be absolute: the caller may change directory later.
-    connection.execute(f"SET file_search_path = {sql_string(str(folder.resolve()))}")
-    connection.execute((folder / VIEWS_FILE).read_text())
+    connection.execute(absolute_paths((folder / VIEWS_FILE).read_text(), folder))
     return connection

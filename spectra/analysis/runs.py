@@ -57,7 +57,18 @@ def find_runs(run_dir: Any) -> tuple[list[Path], Optional[Path]]:
 def run_record(run: Path) -> dict:
     """run.json, or {} for a run that did not finish (its complete part files are still worth analysing)."""
     path = run / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, OSError) as error:  # ValueError: cut short (a full disk) or not UTF-8
+        raise SpectraError(
+            f"{path}: damaged ({str(error).splitlines()[0]}); move it aside to analyse the parts without it, or "
+            f"finish the run again with python -m spectra.run <its overrides> run.resume=true hydra.run.dir={run}"
+        ) from None
+    if not isinstance(record, dict) or not all(isinstance(record.get(k, {}), dict) for k in ("model", "config", "counts")):
+        raise SpectraError(f"{path}: not a Spectra run record (model, config and counts objects); move it aside")
+    return record
 
 
 def attention_windows(run: Path, record: dict) -> Optional[list]:

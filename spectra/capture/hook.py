@@ -278,14 +278,41 @@ class AttentionCapture:
         return {name: torch.stack([getattr(m, name) for m in layers]) for name in computed}
 
 
-def metrics_to_host(metrics: dict[str, torch.Tensor], names: list[str]) -> dict[str, np.ndarray]:
-    """The named metrics as numpy arrays, in one device-to-host copy (one synchronisation) per batch.
+class HostMetrics:
+    """A batch's metrics on their way to host memory; wait() returns name -> numpy array once they have arrived."""
 
-    Every metric is 4 bytes per value, so the int32 ones travel bit-for-bit as float32 in one stacked tensor.
+    def __init__(self, arrays: dict[str, np.ndarray], copied: "torch.cuda.Event | None" = None):
+        self._arrays = arrays
+        self._copied = copied
+
+    def wait(self) -> dict[str, np.ndarray]:
+        if self._copied is not None:
+            self._copied.synchronize()  # blocks this thread only (a writer's), without holding the GIL
+        return self._arrays
+
+
+def metrics_to_host(metrics: dict[str, torch.Tensor], names: list[str]) -> HostMetrics:
+    """The named metrics' way to the host: one asynchronous device-to-host copy per batch, none per layer.
+
+    On a CUDA device the copy goes into pinned memory without waiting for it: the caller queues the next batch's
+    kernels while the writer's thread waits in wait(). Every metric is 4 bytes per value, so the int32 ones travel
+    bit-for-bit as float32 in one stacked tensor, laid out sample-major as the Parquet rows are, so that the
+    writer does not reorder them (8 ns/row of a writer thread's time at batch 8). On the CPU the arrays share the
+    tensors' memory: no copy at all.
     """
-    stacked = torch.stack([m.view(torch.float32) for m in (metrics[name] for name in names)])  # (M, L, B, H, T)
-    host = stacked.cpu().numpy()
-    return {
-        name: host[i].view(np.int32 if metrics[name].dtype == torch.int32 else np.float32)
-        for i, name in enumerate(names)
-    }
+    device = metrics[names[0]].device
+    if device.type != "cuda":
+        return HostMetrics({name: metrics[name].cpu().numpy() for name in names})
+    stacked = torch.stack([metrics[name].transpose(0, 1).view(torch.float32) for name in names])  # (M, B, L, H, T)
+    pinned = torch.empty(stacked.shape, dtype=torch.float32, pin_memory=True)
+    pinned.copy_(stacked, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record(torch.cuda.current_stream(device))
+    host = pinned.numpy()  # shares the pinned memory, and keeps it alive as long as the arrays live
+    return HostMetrics(
+        {
+            name: host[i].view(np.int32 if metrics[name].dtype == torch.int32 else np.float32).transpose(1, 0, 2, 3)
+            for i, name in enumerate(names)
+        },  # name -> (L, B, H, T) views
+        copied,
+    )

@@ -18,12 +18,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from spectra.capture.metrics import DEFAULT_METRIC_FIELDS, METRICS_KERNELS, triton_importable
 from spectra.capture.metrics import METRIC_FIELDS as METRIC_NAMES
+from spectra.config.secrets import check_config_for_secrets
 from spectra.errors import ConfigError
 from spectra.launch.distributed import format_launch_time
 from spectra.launch.sweep_folders import job_folder
+from spectra.store.writer import PARQUET_CODECS
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
+INT32_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+MAX_THREADS = 1024  # more threads than any node has cores; a typo (100000) would make torch spawn them all
 
 
 @dataclass
@@ -86,6 +91,10 @@ class HardwareConfig:
     # otherwise) | numba (the CPU kernels) | torch (torch ops, any device) | triton (the fused kernel; on the CPU
     # only in Triton's interpreter, TRITON_INTERPRET=1). A layer the chosen kernel cannot cover runs on torch.
     metrics_kernel: str = "auto"
+    # Metric parts on disk: brotli is the smallest (~9.9 B/row, ~2.5 M rows/s per writer thread); zstd (level 1)
+    # writes ~6x faster for ~2% more bytes, what a GPU's output rate needs (docs/performance.md, the writer).
+    parquet_codec: str = "brotli"
+    writer_threads: int = 1  # parts written at once, one thread each, while the next batches are captured
 
 
 @dataclass
@@ -142,6 +151,8 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def checked_config(cfg: DictConfig) -> DictConfig:
     """The composed config merged into the schema and checked; raises ConfigError naming the key."""
+    # Before anything is written: a --config-dir YAML is copied to .hydra/ and run.json like the command line.
+    check_config_for_secrets(OmegaConf.to_container(cfg, resolve=False))
     try:
         # Merge a plain container: merging the composed DictConfig lets keys added with `+` through.
         cfg = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.to_container(cfg, resolve=False))
@@ -149,14 +160,28 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         key = getattr(error, "full_key", None) or "config"
         raise ConfigError(key, str(error).splitlines()[0]) from None
 
+    name = cfg.model.name
+    # The run folder is outputs/<date>/<time>_<model.name>: a separator or a leading dot would put it elsewhere.
+    _require(
+        bool(name) and not set(name) & set("/\\\0") and not name.startswith(".") and len(name) <= 100,
+        "model.name",
+        f"{name[:60]!r} is not a folder-safe label (no / or \\, no leading dot, at most 100 characters); "
+        "it names the run folder",
+    )
     _require(cfg.model.source in ("hub", "gguf", "random"), "model.source", "must be one of hub, gguf, random")
     _require(
         not cfg.model.assembled or bool(cfg.model.package and cfg.model.gguf_file),
         "model.assembled",
         "needs model.package (the package that assembles the file) and model.gguf_file (its name)",
     )
-    _require(cfg.data.context_length > 0, "data.context_length", f"must be > 0, got {cfg.data.context_length}")
-    _require(cfg.data.n_samples > 0, "data.n_samples", f"must be > 0, got {cfg.data.n_samples}")
+    # Sample ids and token positions are int32 columns; seeds go to numpy and torch, which take 0 .. 2**63 - 1.
+    for key in ("data.context_length", "data.n_samples"):
+        value = OmegaConf.select(cfg, key)
+        _require(value > 0, key, f"must be > 0, got {value}")
+        _require(value <= INT32_MAX, key, f"must be <= {INT32_MAX:,} (stored as int32), got {value:,}")
+    for key in ("data.seed", "model.seed"):
+        value = OmegaConf.select(cfg, key)
+        _require(0 <= value <= SEED_MAX, key, f"must be in 0 .. {SEED_MAX:,} (2**63 - 1), got {value:,}")
     _require(cfg.hardware.batch_size > 0, "hardware.batch_size", f"must be > 0, got {cfg.hardware.batch_size}")
     _require(cfg.hardware.dtype in DTYPES, "hardware.dtype", f"must be one of {', '.join(DTYPES)}")
     _require(
@@ -164,11 +189,26 @@ def checked_config(cfg: DictConfig) -> DictConfig:
         "hardware.attention_block_mb",
         f"must be > 0, got {cfg.hardware.attention_block_mb}",
     )
+    _require(
+        cfg.hardware.parquet_codec in PARQUET_CODECS,
+        "hardware.parquet_codec",
+        f"must be one of {', '.join(PARQUET_CODECS)}, got {cfg.hardware.parquet_codec!r}",
+    )
+    _require(
+        cfg.hardware.writer_threads > 0,
+        "hardware.writer_threads",
+        f"must be > 0, got {cfg.hardware.writer_threads}",
+    )
     threads = cfg.hardware.num_threads
     _require(
         threads is None or threads > 0,
         "hardware.num_threads",
         f"must be > 0, or null for torch's default; got {threads}",
+    )
+    _require(
+        threads is None or threads <= MAX_THREADS,
+        "hardware.num_threads",
+        f"must be <= {MAX_THREADS} (threads are started, one per number), or null for torch's default; got {threads}",
     )
     threshold = cfg.metrics.k_eff_threshold
     _require(0 < threshold <= 1, "metrics.k_eff_threshold", f"must be in (0, 1], got {threshold}")

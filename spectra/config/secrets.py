@@ -17,6 +17,29 @@ from spectra.errors import ConfigError
 
 SECRET_KEY = re.compile(r"(^|_)(token|api_?key|secret|password)$", re.IGNORECASE)  # last part of the key
 SECRET_ENVIRONMENT = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# Values shaped like a credential even when no environment variable holds it: a Hugging Face token, a W&B key
+# (40 hex digits, or the newer prefixed form). A 40-hex model.revision is a commit, not a key.
+TOKEN_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{30,}|\bwandb_v\d+_[A-Za-z0-9_]{30,}|^[0-9a-f]{40}$")
+REFUSED = (
+    "credentials are never taken from the command line or a config file (Hydra would copy them into .hydra/, "
+    "multirun.yaml, run.json and job folder names); set WANDB_API_KEY or HF_TOKEN in the environment instead"
+)
+
+
+def looks_like_token(key: str, value: Any, secrets: set[str]) -> bool:
+    text = str(value)
+    if any(secret in text for secret in secrets):
+        return True
+    return bool(TOKEN_VALUE.search(text)) and not key.endswith("revision")
+
+
+def check_config_for_secrets(config: dict) -> None:
+    """The composed config (a --config-dir YAML included) holds no value shaped like a credential."""
+    secrets = {os.environ[name] for name in SECRET_ENVIRONMENT if len(os.environ.get(name, "")) >= 8}
+    for name, leaf in _leaves("", config):
+        name = name.lstrip(".")
+        if looks_like_token(name, leaf, secrets) or (SECRET_KEY.search(name.rpartition(".")[2]) and leaf):
+            raise ConfigError(name, REFUSED)
 
 
 def check_arguments_for_secrets(argv: list[str]) -> None:
@@ -47,7 +70,7 @@ def check_no_secrets(overrides: list[str]) -> None:
         key = override.get_key_element().lstrip("+~")
         values = list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
         for name, leaf in _leaves(key, values):
-            if SECRET_KEY.search(name.rpartition(".")[2]) or any(secret in str(leaf) for secret in secrets):
+            if SECRET_KEY.search(name.rpartition(".")[2]) or looks_like_token(name, leaf, secrets):
                 raise ConfigError(name, refused)
 
 

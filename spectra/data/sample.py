@@ -20,6 +20,10 @@ class Sample:
 
 def choose(n_available: int, n_samples: int, seed: int, what: str) -> np.ndarray:
     """Seeded choice of n_samples indices out of n_available, in corpus order."""
+    check_available(n_available, n_samples, what)
+    return np.sort(np.random.default_rng(seed).choice(n_available, size=n_samples, replace=False))
+
+
+def check_available(n_available: int, n_samples: int, what: str) -> None:
     if n_samples > n_available:
         raise ConfigError("data.n_samples", f"{n_samples} asked for, but {what} holds only {n_available} windows")
-    return np.sort(np.random.default_rng(seed).choice(n_available, size=n_samples, replace=False))

@@ -22,12 +22,14 @@ array of shape [N, L]) are read too: each row is a document.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import tokenize
 import weakref
 import zipfile
 from contextlib import contextmanager
@@ -41,7 +43,7 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from spectra.data.sample import Sample, choose
+from spectra.data.sample import Sample, check_available, choose
 from spectra.data.slimpajama import corpus_description, read_documents
 from spectra.errors import ConfigError, SpectraError
 
@@ -102,7 +104,9 @@ def _reading(path: Path) -> Iterator[None]:
     """A damaged or truncated shard-folder file ends in one line naming it."""
     try:
         yield
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    # numpy parses an .npy header with ast.literal_eval: a damaged one raises SyntaxError or tokenize's TokenError.
+    except (OSError, ValueError, KeyError, TypeError, IndexError, EOFError, zipfile.BadZipFile, SyntaxError,
+            tokenize.TokenError) as error:  # fmt: skip
         what = " ".join(str(error).split())[:200] or type(error).__name__
         raise SpectraError(
             f"{path}: damaged or unreadable ({what}); prepare the shards again into a new data.data_dir"
@@ -115,9 +119,45 @@ def read_manifest(data_dir: Path) -> dict | None:
         return None
     with _reading(path):
         manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SpectraError(f"{path}: not a Spectra token-shard manifest")
+    if (problem := manifest_problem(manifest)) is not None:
+        raise SpectraError(f"{path}: {problem}; the file is damaged: prepare the shards again into a new data.data_dir")
     return manifest
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the shape of a manifest every reader indexes into (None: nothing)."""
+
+    def count(value, minimum: int = 0) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+    tokenizer, settings, documents = (manifest.get(k) for k in ("tokenizer", "settings", "documents"))
+    shards, counts = manifest.get("shards"), manifest.get("counts", {})
+    if not isinstance(tokenizer, dict) or not all(isinstance(tokenizer.get(k), str) for k in ("name_or_path", "sha256")):
+        return "tokenizer must be an object with name_or_path and sha256"
+    if not isinstance(settings, dict) or not all(count(settings.get(k), 1) for k in
+                                                 ("max_prepared_length", "max_windows_per_doc")):  # fmt: skip
+        return "settings must be an object with max_prepared_length and max_windows_per_doc >= 1"
+    if not isinstance(settings.get("sources", []), list) or not count(settings.get("min_chars", 0)):
+        return "settings.sources must be a list and settings.min_chars a count"
+    if not isinstance(documents, dict) or not count(documents.get("count")) or documents.get("file") != DOCUMENTS:
+        return f"documents must be an object with file {DOCUMENTS!r} and a count"
+    if not isinstance(shards, list) or not shards:
+        return "shards must be a non-empty list"
+    for shard in shards:
+        # A plain file name: a manifest must not point a reader outside its folder.
+        if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and count(shard.get("tokens"))
+                and Path(shard["file"]).name == shard["file"] and shard["file"] not in ("", ".", "..")):  # fmt: skip
+            return f"shard entry {str(shard)[:80]} must be an object with a file name and a token count"
+    corpus = settings.get("corpus")
+    if not isinstance(corpus, dict) or not ({"hub_id", "split"} <= corpus.keys() or "local_path" in corpus):
+        return "settings.corpus must be an object with hub_id and split, or local_path"
+    columns = ("read", "short", "kept", "tokens", "stored")
+    if not isinstance(counts, dict) or not all(isinstance(c, dict) and all(count(c.get(k)) for k in columns)
+                                               for c in counts.values()):  # fmt: skip
+        return f"counts must be an object of per-source objects with the counts {', '.join(columns)}"
+    return None
 
 
 def check_tokenizer(manifest: dict, tokenizer, data_dir: Path) -> None:
@@ -161,7 +201,16 @@ class _ShardWriter:
             return
         name = f"tokens-{len(self.shards):05d}.npy"
         stream = np.concatenate(self.pending).astype(np.int32, copy=False)  # (tokens,)
-        np.save(self.directory / name, stream)
+        try:
+            np.save(self.directory / name, stream)
+        except OSError as error:
+            if error.errno is not None:
+                raise
+            # numpy's short write ("N requested and M written") carries no errno: a full disk or quota, as a rule.
+            full = shutil.disk_usage(self.directory).free < stream.nbytes + (1 << 20)
+            if full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory / name)) from None
+            raise SpectraError(f"{self.directory / name}: could not be written ({error}); is the disk healthy?") from None
         _fsync(self.directory / name)
         self.shards.append({"file": name, "tokens": int(len(stream))})
         self.pending, self.pending_tokens = [], 0
@@ -305,6 +354,13 @@ class Windows:
         self.streams, self.document_ids, self.sources = streams, document_ids, sources
         self.lengths, self.max_windows, self.where = np.asarray(lengths), max_windows, where
 
+    def count(self, context_length: int, n_samples: int, add_bos: bool) -> int:
+        """n_samples, once checked against the windows there are (none is cut)."""
+        text_tokens = context_length - 1 if add_bos else context_length
+        available = int(window_counts(self.lengths, text_tokens, self.max_windows).sum())
+        check_available(available, n_samples, f"{self.where} at data.context_length={context_length}")
+        return n_samples
+
     def samples(self, context_length: int, n_samples: int, seed: int, add_bos: bool, bos_token_id):
         text_tokens = context_length - 1 if add_bos else context_length
         counts = window_counts(self.lengths, text_tokens, self.max_windows)
@@ -329,17 +385,27 @@ def prepared_windows(data_dir: Path, manifest: dict, context_length: int) -> Win
         )
     with _reading(data_dir / DOCUMENTS):
         table = pq.read_table(data_dir / DOCUMENTS)
+        shard, offset, stored = (table.column(k).to_numpy().astype(np.int64) for k in ("shard", "offset", "stored"))
+        document_ids, sources = table.column("document_id").to_pylist(), table.column("source").to_pylist()
     shards = []
-    for shard in manifest["shards"]:
-        with _reading(data_dir / shard["file"]):
-            shards.append(np.load(data_dir / shard["file"], mmap_mode="r"))  # (tokens,)
-            if shards[-1].shape != (shard["tokens"],):
-                raise ValueError(f"{shards[-1].shape[0]:,} tokens, the manifest lists {shard['tokens']:,}")
-    shard, offset, stored = (table.column(k).to_numpy() for k in ("shard", "offset", "stored"))
+    for entry in manifest["shards"]:
+        with _reading(data_dir / entry["file"]):
+            shards.append(np.load(data_dir / entry["file"], mmap_mode="r", allow_pickle=False))  # (tokens,)
+            if shards[-1].shape != (entry["tokens"],) or not np.issubdtype(shards[-1].dtype, np.integer):
+                raise ValueError(
+                    f"{shards[-1].dtype} of shape {shards[-1].shape}, the manifest lists {entry['tokens']:,} token ids"
+                )
+    sizes = np.array([entry["tokens"] for entry in manifest["shards"]], dtype=np.int64)
+    with _reading(data_dir / DOCUMENTS):  # every document's span must lie inside a shard the manifest lists
+        if len(shard) != manifest["documents"]["count"]:
+            raise ValueError(f"{len(shard):,} documents, the manifest lists {manifest['documents']['count']:,}")
+        inside = (shard >= 0) & (shard < len(sizes)) & (offset >= 0) & (stored >= 0)
+        if not inside.all() or (offset + stored > sizes[shard]).any():
+            raise ValueError("a document's shard, offset or length points outside the shards")
     return Windows(
         lambda i: shards[shard[i]][offset[i] : offset[i] + stored[i]],
-        table.column("document_id").to_pylist(),
-        table.column("source").to_pylist(),
+        document_ids,
+        sources,
         stored,
         manifest["settings"]["max_windows_per_doc"],
         f"'{data_dir}'",
@@ -351,10 +417,15 @@ def npz_windows(path: Path, context_length: int, vocab_size: int) -> Windows:
     files = sorted(path.glob("*.npz")) if path.is_dir() else [path]
     arrays = []
     for file in files:
-        with _reading(file), np.load(file) as shard:
+        with _reading(file), np.load(file, allow_pickle=False) as shard:
             if "input_ids" not in shard or shard["input_ids"].ndim != 2:
                 raise SpectraError(f"{file}: a .npz shard needs an 'input_ids' array of shape [N, L]")
-            arrays.append(shard["input_ids"])  # (N, L)
+            ids = shard["input_ids"]  # (N, L)
+        if not np.issubdtype(ids.dtype, np.integer):  # 549.51 must not become token 549
+            raise SpectraError(
+                f"{file}: input_ids are {ids.dtype}, not integers; token ids must be stored as an integer array"
+            )
+        arrays.append(ids)
     for file, ids in zip(files, arrays):
         if context_length > ids.shape[1]:
             raise ConfigError(

@@ -87,9 +87,11 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
     else:
         handle = open(path, encoding="utf-8")
     with handle:
-        for line in handle:
+        for number, line in enumerate(handle, 1):
             if line.strip():
                 row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"line {number} is a JSON {type(row).__name__}, not an object")
                 yield row["text"], row["meta"]
 
 
@@ -116,7 +118,10 @@ def _zstd_stream(path: Path) -> io.BufferedReader:
                     return 0
                 if self.decompressor.eof:  # several frames laid end to end
                     self.decompressor = zstandard.ZstdDecompressor().decompressobj()
-                self.buffer = self.decompressor.decompress(chunk)
+                try:
+                    self.buffer = self.decompressor.decompress(chunk)
+                except zstandard.ZstdError as error:  # not zstd at all, or damaged inside a frame
+                    raise ValueError(f"not a valid zstd stream ({error})") from None
             size = min(len(target), len(self.buffer))
             target[:size], self.buffer = self.buffer[:size], self.buffer[size:]
             return size

@@ -11,7 +11,12 @@ Three sources, one per kind of checkpoint Spectra meets:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import pickle
+import socket
+import struct
+import urllib.parse
 from pathlib import Path
 
 import numba
@@ -68,6 +73,27 @@ def model_location(model_cfg: DictConfig) -> str:
     return model_cfg.name_or_path
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers at all, asked once in 3 s: offline, transformers retries a hub id for
+    ~30 s with a dozen warnings before failing; knowing, it reads the local cache only and fails at once."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_options(location: str) -> dict:
+    """from_pretrained's options for a location: the local cache only when it names the hub and the hub is away."""
+    return {} if Path(location).exists() or hub_reachable() else {"local_files_only": True}
+
+
 def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("hardware.device", f"{device} was asked for but no CUDA device is available; use hardware=cpu")
@@ -105,7 +131,8 @@ def load_weights(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         location = model_location(model_cfg)
-        options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code)
+        options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                       **hub_options(location))  # fmt: skip
         if config is not None:
             options["config"] = config
         if model_cfg.source == "gguf":
@@ -116,9 +143,22 @@ def load_weights(
             options["use_safetensors"] = True  # a pickled .bin next to the safetensors is never unpickled
         try:
             model = AutoModelForCausalLM.from_pretrained(location, **options)
-        except OSError as error:
+        except (OSError, RuntimeError, ValueError, EOFError, struct.error, pickle.UnpicklingError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            if isinstance(error, pickle.UnpicklingError):  # torch's own text advises weights_only=False: never
+                raise SpectraError(
+                    f"{location}: a pytorch_model.bin holds objects other than tensors, which could run code when "
+                    "loaded; Spectra loads only tensors (weights_only=True): use a safetensors copy of the model"
+                ) from None
+            if Path(location).is_dir():  # a local file damaged or cut short
+                raise SpectraError(
+                    f"cannot load the weights in {location} ({first}); the file is damaged or truncated: copy the "
+                    "checkpoint again"
+                ) from None
+            if not isinstance(error, OSError):
+                raise
             raise SpectraError(
-                f"cannot load model '{location}': {str(error).splitlines()[0]} -- without hub access, "
+                f"cannot load model '{location}': {first} -- without hub access, "
                 "download the checkpoint elsewhere and pass model.path=<local dir>"
             ) from None
     return model.to(device).eval()
@@ -128,7 +168,7 @@ def load_tokenizer(model_cfg: DictConfig, model_location_: str | None):
     location = resolve_location(model_cfg.tokenizer) if model_cfg.tokenizer else model_location_
     if location is None:
         raise ConfigError("model.tokenizer", "is required for model.source=random")
-    options = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code}
+    options = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code, **hub_options(location)}
     if model_cfg.source == "gguf" and not model_cfg.tokenizer:
         options["gguf_file"] = model_cfg.gguf_file
     try:

@@ -108,6 +108,23 @@ class PartRecord:
     settings: str | None = None  # settings_hash of the run's fingerprint
 
 
+def well_formed(entry: dict) -> bool:
+    """A part line whose fields have the types every reader assumes (a hand-edited line may not): else it is
+    treated like a torn line, its part unlisted."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    return (
+        isinstance(entry["part"], str)
+        and isinstance(entry["sample_ids"], list)
+        and all(count(i) for i in entry["sample_ids"])
+        and count(entry["rows"])
+        and count(entry["bytes"])
+        and all(isinstance(entry.get(k), (str, type(None))) for k in ("sha256", "settings"))
+    )
+
+
 def read_manifest(path: Path) -> tuple[dict | None, list[PartRecord]]:
     """(header, parts). A torn or damaged line (the machine died mid-append) is skipped: its part counts as
     unlisted and is captured again."""
@@ -121,7 +138,7 @@ def read_manifest(path: Path) -> tuple[dict | None, list[PartRecord]]:
             continue
         if "fingerprint" in entry:
             header = entry
-        elif {"part", "sample_ids", "rows", "bytes"} <= entry.keys():
+        elif {"part", "sample_ids", "rows", "bytes"} <= entry.keys() and well_formed(entry):
             fields = ("part", "sample_ids", "rows", "bytes", "sha256", "settings")
             parts.append(PartRecord(**{name: entry.get(name) for name in fields}))
     return header, parts
@@ -148,7 +165,7 @@ def write_text_atomic(text: str, path: Path) -> None:
     """path holds the old text or the new, never a part: written under another name, synced, then renamed."""
     temporary = path.with_name(path.name + ".inprogress")
     try:
-        with open(temporary, "w") as handle:
+        with open(temporary, "w", encoding="utf-8") as handle:  # not the locale's: token text is any Unicode
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())

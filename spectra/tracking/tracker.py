@@ -33,6 +33,7 @@ from spectra.launch.distributed import World
 from spectra.store.manifest import verified_parts
 
 HEATMAP_METRICS = ("entropy", "max_attn", "k_eff")
+ONLINE_START_SECONDS = 20  # how long an online W&B start may take before the run goes on offline
 ARTIFACT_PATHS = ("metrics", "samples.parquet", "run.json")  # what a run directory holds (see writer.py)
 
 
@@ -181,8 +182,10 @@ class WandbTracker(Tracker):
             dir=str(run_dir),
             reinit="finish_previous",  # a multirun runs many jobs in one process
         )
+        # A key without a network would wait wandb's default 90 s (and retry) before the offline fallback below.
+        settings = wandb.Settings(init_timeout=ONLINE_START_SECONDS) if mode == "online" else None
         try:
-            self.run = wandb.init(mode=mode, **options)
+            self.run = wandb.init(mode=mode, settings=settings, **options)
         except Exception as error:  # the server unreachable, a bad entity: the capture matters more than the view
             if mode != "online":
                 raise SpectraError(f"logger: wandb.init failed: {str(error).splitlines()[0]}") from None
