@@ -265,11 +265,18 @@ def writer_lock(out: Path, cfg: DictConfig, world: World):
 
 
 def record_config(out: Path, composed: DictConfig) -> None:
-    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml) and run.log."""
+    """Once the run is accepted: .hydra/ (Hydra's own writing is turned off in conf/config.yaml) and run.log (each
+    layer's metrics path, from capture/hook.py). The previous run's run.log handler goes first: in one process
+    (a basic-launcher sweep, the tests) a later run's lines must not land in an earlier run's file."""
     write_config_record(out, composed, HydraConfig.get())
+    root = logging.getLogger()
+    for previous in [h for h in root.handlers if getattr(h, "spectra_run_log", False)]:
+        root.removeHandler(previous)
+        previous.close()
     handler = logging.FileHandler(out / "run.log")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-    logging.getLogger().addHandler(handler)
+    handler.spectra_run_log = True
+    root.addHandler(handler)
 
 
 def main(composed: DictConfig) -> None:
@@ -298,7 +305,10 @@ def main(composed: DictConfig) -> None:
                     return
                 if world.is_main:
                     record_config(out, composed)
-                with start_tracker(cfg, out, world) as tracker:  # finishes the W&B run even when capture fails
+                # A finished run's resume captures nothing, so it starts no W&B run; a resumed one continues its own.
+                finished = len(plan.resume.completed) == len(plan.samples) and plan.resume.previous_record
+                tracking = Tracker() if finished else start_tracker(cfg, out, world)
+                with tracking as tracker:  # finishes the W&B run even when capture fails
                     record = capture(cfg, out, world, tracker, plan)
                     tracker.log_results(record)
     if world.is_main:

@@ -31,6 +31,52 @@ REPO = Path(__file__).resolve().parent.parent
 register_configs()  # the schemas the YAML files start from (the entrypoints register them on import)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """One pytest-xdist worker per core (the test extra) unless `-n` says otherwise; `-p no:xdist` runs serially.
+    Here rather than in pyproject's addopts, so that a venv without xdist still runs the tests."""
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker calls this hook too (xdist/remote.py): workers must not start workers (lead's fix)
+    if config.pluginmanager.hasplugin("xdist") and config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
+        if config.option.dist == "no":
+            config.option.dist = "loadfile"  # a file's tests share one worker: its module fixtures run once
+
+
+# `-m quick`: a test of every stage (capture, store, config, models, data, analysis, tracking, launch) without the
+# real models or a process start: the capture against float64 attention, a tiny run end to end, validation, dry
+# runs, statistics. Names are file::test prefixes.
+QUICK = (
+    "test_metrics.py", "test_numerics.py::test_counts", "test_part_encoding.py", "test_layout.py",
+    "test_k_eff.py::test_both_paths_equal_the_sort_definition_on_adversarial", "test_k_eff.py::test_key_ranges",
+    "test_capture.py::test_tiny_llama", "test_capture.py::test_pre_rope", "test_validation.py::test_bad_input",
+    "test_analysis_statistics.py::test_position_confound", "test_analysis_statistics.py::test_q_values",
+    "test_dry_run.py", "test_safety.py::test_environment", "test_run.py::test_run_directory_layout",
+    "test_run.py::test_written_values", "test_run.py::test_bad_values", "test_tracking.py::test_mode",
+    "test_distributed.py::test_share", "test_distributed.py::test_rank",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if f"{item.path.name}::{item.name}".startswith(QUICK) and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.quick)
+
+
+def pytest_configure(config):
+    """Compile the CPU kernels once, before any worker or test starts: numba caches them on disk
+    (spectra/capture/cpu_kernels.py, cache=True), so the xdist workers and every `python -m spectra.run` the tests
+    start load them instead of compiling them side by side (~16 s each on a quiet 2-core machine)."""
+    if hasattr(config, "workerinput"):
+        return  # a worker: the controller has compiled them
+    import torch
+
+    from spectra.capture.metrics import attention_metrics, k_eff_fast
+
+    attention_metrics(torch.ones(1, 2, 4, 8), torch.ones(1, 1, 4, 8), 1.0)
+    k_eff_fast(torch.full((2, 4), 0.25), 0.9)
+
+
 def test_env(tmp_path: Path) -> dict[str, str]:
     """Environment for subprocesses: offline, W&B folders inside tmp_path, quiet tokenizers."""
     env = dict(os.environ)
@@ -48,12 +94,25 @@ def test_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def touches_wandb(module: str, argv) -> bool:
+    """Whether `python -m <module> <argv>` may start W&B, which keeps per-process state (its settings, its
+    service): such runs get a process of their own. The capture logs to W&B unless logger=none; analyze only
+    with logger=wandb."""
+    chosen = [arg.partition("=")[2] for arg in argv if arg.lstrip("+").startswith(("logger=", "logger.name="))]
+    default = "wandb" if module == "spectra.run" else "none"
+    return module in ("spectra.run", "spectra.analyze") and (chosen or [default])[-1] != "none"
+
+
 def run_spectra(tmp_path: Path, *overrides: str, module: str = "spectra.run", timeout: int = 600):
-    """`python -m spectra.run <overrides>` writing into tmp_path/run; returns the CompletedProcess."""
-    args = [sys.executable, "-m", module, *overrides]
+    """`python -m spectra.run <overrides>` writing into tmp_path/run; returns the CompletedProcess. In this
+    process unless it is a sweep or may start W&B."""
+    args = list(overrides)
     if not any(o.startswith("hydra.run.dir=") or o in ("-m", "--multirun") for o in overrides):
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
-    return subprocess.run(args, cwd=REPO, env=test_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+    if not touches_wandb(module, args) and not {"-m", "--multirun"} & set(args):
+        return run_module_inprocess(module, *args, env=test_env(tmp_path))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=test_env(tmp_path),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
 
 
 def compose_config(*overrides: str) -> DictConfig:
@@ -89,24 +148,40 @@ def gemma3():
     return load_weights(cfg.model, cfg.hardware)
 
 
-def run_spectra_inprocess(*argv: str) -> tuple[int, str, str]:
-    """`python -m spectra.run <argv>` in this process (no interpreter start-up): (exit code, stdout, stderr).
-
-    The same entrypoint function the module's __main__ calls, Hydra's command-line parsing included; an
-    uncaught exception propagates to the test, as a traceback would end the real process.
-    """
+def run_module_inprocess(
+    module: str, *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m <module> <argv>` in this process: the function the module's __main__ calls, with its argv,
+    working folder, environment, stdin, stdout and stderr. An interpreter start costs seconds (torch, transformers,
+    Hydra; 5-7x a tiny_llama run), so the tests start real processes only where they need one (signals, crash
+    points, W&B, torchrun). An uncaught exception propagates to the test, as a traceback would end the process."""
     import contextlib
+    import importlib
     import io
     from unittest import mock
 
-    from spectra.run import cli
-
+    entry = importlib.import_module(module)
+    main = getattr(entry, "cli", None) or entry.main
     stdout, stderr = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", ["spectra.run", *argv]):
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            try:
-                cli()
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    return code, stdout.getvalue(), stderr.getvalue()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(sys, "argv", [module, *argv]))
+        stack.enter_context(mock.patch.object(sys, "stdin", io.StringIO(stdin or "")))
+        stack.enter_context(mock.patch.dict(os.environ, env or {}))
+        stack.callback(os.chdir, os.getcwd())  # contextlib.chdir needs Python 3.11
+        os.chdir(cwd or REPO)
+        stack.enter_context(contextlib.redirect_stdout(stdout))
+        stack.enter_context(contextlib.redirect_stderr(stderr))
+        try:
+            returned = main()
+            code = returned if isinstance(returned, int) else 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)  # as the interpreter prints sys.exit("message")
+    return subprocess.CompletedProcess([module, *argv], code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_spectra_inprocess(*argv: str) -> tuple[int, str, str]:
+    """`python -m spectra.run <argv>` in this process: (exit code, stdout, stderr)."""
+    result = run_module_inprocess("spectra.run", *argv)
+    return result.returncode, result.stdout, result.stderr

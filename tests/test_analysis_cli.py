@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import run_spectra
+from conftest import run_module_inprocess, run_spectra
 from conftest import test_env as subprocess_env  # as: pytest would collect a test_* name
 from test_analyze import analyze_cli
 
@@ -20,8 +19,7 @@ from spectra.store.manifest import file_sha256
 
 
 def sql_cli(tmp_path: Path, *args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spectra.sql", *args], cwd=cwd, env=subprocess_env(tmp_path),
-                          input=stdin, capture_output=True, text=True, timeout=120)  # fmt: skip
+    return run_module_inprocess("spectra.sql", *args, cwd=cwd, env=subprocess_env(tmp_path), stdin=stdin)
 
 
 @pytest.fixture(scope="module")

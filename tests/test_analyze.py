@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, run_spectra
+from conftest import REPO, run_module_inprocess, run_spectra, touches_wandb
 from conftest import (
     test_env as subprocess_env,  # as: pytest would collect a test_* name
 )
@@ -51,8 +51,11 @@ def with_numpy_ratios(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def analyze_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "spectra.analyze", *overrides], cwd=REPO, env=subprocess_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    """`python -m spectra.analyze <overrides>`, in this process unless it logs to W&B."""
+    if touches_wandb("spectra.analyze", overrides):
+        return subprocess.run([sys.executable, "-m", "spectra.analyze", *overrides], cwd=REPO,
+                              env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
+    return run_module_inprocess("spectra.analyze", *overrides, env=subprocess_env(tmp_path))
 
 
 def analyze_config(*overrides: str):
@@ -65,7 +68,7 @@ def run(tmp_path_factory) -> Path:
     """tiny_llama, 3 samples x 32 tokens, one sample per batch: three part files."""
     tmp = tmp_path_factory.mktemp("capture")
     result = run_spectra(tmp, "model=tiny_llama", "data=synthetic", "data.context_length=32", "data.n_samples=3",
-                         "hardware.batch_size=1")  # fmt: skip
+                         "hardware.batch_size=1", "logger=none")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert len(list((tmp / "run" / "metrics").glob("part-*.parquet"))) == 3
     return tmp / "run"
@@ -263,7 +266,7 @@ def check_headline_and_warnings(out: Path, rows: dict[str, np.ndarray], report: 
 def test_analyze_a_two_job_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_spectra(tmp_path, "-m", "model=tiny_llama", "data=synthetic", "data.n_samples=2",
-                         "data.context_length=16,32", f"hydra.sweep.dir={sweep}")  # fmt: skip
+                         "data.context_length=16,32", f"hydra.sweep.dir={sweep}", "logger=none")  # fmt: skip
     assert result.returncode == 0, result.stderr
     result = analyze_cli(tmp_path, f"run_dir={sweep}")
     assert result.returncode == 0, result.stderr

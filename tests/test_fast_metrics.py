@@ -192,6 +192,23 @@ def test_metrics_to_host_is_bit_exact():
     np.testing.assert_array_equal(host["entropy"].view(np.uint32), metrics["entropy"].numpy().view(np.uint32))
 
 
+def test_a_fresh_interpreter_loads_the_kernels_from_disk():
+    """Compiled once per machine: a new process (a second run) finds every kernel in numba's on-disk cache and
+    compiles none (conftest compiled them before the tests; without cache=True each process compiles ~16 s)."""
+    code = """
+import torch
+from spectra.capture import cpu_kernels
+from spectra.capture.metrics import attention_metrics, k_eff_fast
+metrics = attention_metrics(torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), 0.35, extended=True)
+k_eff_fast(torch.softmax(torch.randn(3, 40), -1), 0.9)
+for kernel in (cpu_kernels.row_metrics, cpu_kernels.k_eff_rows):
+    print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "0", "1", "0"], result.stdout  # (hits, misses) of each entry kernel
+
+
 @pytest.mark.parametrize("hardware", ["cpu", "a10g", "h100"])
 def test_hardware_configs_compose(hardware):
     cfg = checked_config(compose_config(f"hardware={hardware}"))

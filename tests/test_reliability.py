@@ -27,11 +27,14 @@ ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_
 ROWS_PER_SAMPLE = 3 * 8 * 16  # tiny_llama: 3 layers x 8 heads, 16 tokens
 
 
-def spectra(tmp_path: Path, *argv: str, module: str = "spectra.run", env: dict | None = None, **kw):
-    """`python -m <module> <argv>` as a real process; returns the CompletedProcess (or Popen with wait=False)."""
-    command = [sys.executable, "-m", module, *argv]
+def spectra(tmp_path: Path, *argv: str, module: str = "spectra.run", env: dict | None = None, process: bool = False):
+    """`python -m <module> <argv>`; returns the CompletedProcess. A real process for sweeps, crash points (env),
+    W&B and `process=True`; in this process otherwise (conftest.run_module_inprocess)."""
     environment = {**conftest.test_env(tmp_path), **(env or {})}
-    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300, **kw)
+    if not process and env is None and "-m" not in argv and not conftest.touches_wandb(module, argv):
+        return conftest.run_module_inprocess(module, *argv, env=environment)
+    command = [sys.executable, "-m", module, *argv]
+    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
 
 
 def one_line_error(process, pattern: str, code: int = 2, prefix: str = "spectra: error: ") -> str:
@@ -389,7 +392,7 @@ def small_disk(tmp_path):
 def test_disk_full_and_read_only_end_in_one_line_and_the_run_resumes(tmp_path, small_disk):
     run_dir = small_disk / "run"
     many = [*ARGS, "data.n_samples=40", f"hydra.run.dir={run_dir}"]  # 40 parts of ~5.6 KB: more than the disk holds
-    full = spectra(tmp_path, *many)
+    full = spectra(tmp_path, *many, process=True)  # its files closed at exit, so the disk can be remounted
     resume = re.escape(shlex.join([sys.executable, "-m", "spectra.run", *ARGS, "data.n_samples=40", "run.resume=true",
                                    f"hydra.run.dir={run_dir}"]))  # fmt: skip
     line = one_line_error(full, rf"the disk is full; \d+ finished part\(s\) are kept; free space, then finish the run "

@@ -52,6 +52,12 @@ def test_run_directory_layout_and_row_count(tiny_run):
     assert record["versions"]["torch"] == torch.__version__
     assert record["timing"]["tokens_per_second"] > 0
     assert "Spectra run complete" in result.stdout and f"{frame.height:,}" in result.stdout
+    # What README's Output section lists, and nothing else; run.log holds this run's lines only (one per layer)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        ".hydra", ".spectra.lock", "manifest.jsonl", "metrics", "run.json", "run.log", "samples.parquet"
+    ]
+    paths = [line for line in (run_dir / "run.log").read_text().splitlines() if "attention metrics on the" in line]
+    assert len(paths) == layers, paths
 
 
 def test_written_values_equal_a_direct_capture(tiny_run):

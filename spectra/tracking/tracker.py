@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,6 +36,7 @@ from spectra.store.manifest import verified_parts
 HEATMAP_METRICS = ("entropy", "max_attn", "k_eff")
 ONLINE_START_SECONDS = 20  # how long an online W&B start may take before the run goes on offline
 ARTIFACT_PATHS = ("metrics", "samples.parquet", "run.json")  # what a run directory holds (see writer.py)
+RUN_ID_FILE = Path("wandb") / "run-id"  # the W&B run of a run directory, kept inside it: a resume continues it
 
 
 class Tracker:
@@ -161,6 +163,18 @@ def heatmap(per_head: pl.DataFrame, metric: str, layers: int, heads: int) -> np.
     return pixels
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run directory: made on its first start, read back on every resume. Random rather
+    than derived from the path, so that two machines' `outputs/demo` never share a W&B run."""
+    path = run_dir / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run_id = secrets.token_hex(4)  # W&B's own ids are 8 characters of [a-z0-9]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
 class WandbTracker(Tracker):
     """One W&B run per capture, its files inside the run directory (<run dir>/wandb)."""
 
@@ -181,11 +195,15 @@ class WandbTracker(Tracker):
             config=OmegaConf.to_container(cfg, resolve=True),
             dir=str(run_dir),
             reinit="finish_previous",  # a multirun runs many jobs in one process
+            id=wandb_run_id(run_dir),
+            resume="allow",  # one W&B run per run directory, however often it is resumed
+            # W&B's ~30 lines of banners and history would bury Spectra's summary: __exit__ prints one line
+            settings=wandb.Settings(silent=True),
         )
         # A key without a network would wait wandb's default 90 s (and retry) before the offline fallback below.
-        settings = wandb.Settings(init_timeout=ONLINE_START_SECONDS) if mode == "online" else None
+        online = dict(settings=wandb.Settings(silent=True, init_timeout=ONLINE_START_SECONDS))
         try:
-            self.run = wandb.init(mode=mode, settings=settings, **options)
+            self.run = wandb.init(mode=mode, **(options | online if mode == "online" else options))
         except Exception as error:  # the server unreachable, a bad entity: the capture matters more than the view
             if mode != "online":
                 raise SpectraError(f"logger: wandb.init failed: {str(error).splitlines()[0]}") from None
@@ -257,7 +275,14 @@ class WandbTracker(Tracker):
         self.run.summary["status"] = status
         if error is not None:
             self.run.summary["error"] = f"{type(error).__name__}: {error}"[:1000]
+        if self.run.offline:
+            files = Path(self.run.dir).parent  # <run dir>/wandb/offline-run-<time>-<id>
+            where = f"W&B: run {self.run.id} logged offline to {files}; upload it with: wandb sync {files}"
+        else:
+            where = f"W&B: {self.run.url}"
         try:
             self.run.finish(exit_code={"finished": 0, "interrupted": 130, "failed": 1}[status])
         except Exception as finish_error:  # never hide the capture's own error behind W&B's
             print(f"spectra: W&B finish failed: {finish_error}")
+            return
+        print(where)
