@@ -34,9 +34,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from spectra.analysis import explorer, head_stats, plots, report
 from spectra.analysis.controlled import headline, position_controlled, position_residual_ranks, with_q_values
 from spectra.analysis.exports import VIEWS_FILE, ViewSource, duckdb_views, export_csv
+from spectra.analysis.publish import publish, published, staging
 from spectra.analysis.runs import (
-    RunAnalysis, find_runs, job_overrides, name_damaged_part, run_record, run_settings, scan_metrics,
-    swept_keys,
+    RunAnalysis, attention_windows, find_runs, job_overrides, run_record, run_settings, scan_metrics, swept_keys,
 )  # fmt: skip
 from spectra.analysis.tokens import run_tokenizer, top_tokens, write_tokens
 from spectra.config.paths import config_dir, hydra_entrypoint
@@ -44,7 +44,7 @@ from spectra.config.plan import check_writable
 from spectra.config.schema import LoggerConfig, register_configs
 from spectra.config.secrets import check_arguments_for_secrets, check_config_for_secrets
 from spectra.config.command_line import UNCHECKED_FLAGS, compose_job, flags_first, hydra_parser
-from spectra.errors import ConfigError, SpectraError, ends_in_one_line, sigterm_as_interrupt
+from spectra.errors import ConfigError, SpectraError, ends_in_one_line, stop_signals_as_interrupt
 from spectra.store.lock import FolderLock
 from spectra.store.writer import write_parquet_atomic
 from spectra.tracking.tracker import (
@@ -195,28 +195,10 @@ def token_text(run: Path, record: dict, lf: pl.LazyFrame, windows, cfg: DictConf
     return top, ""
 
 
-def remove_stale(out: Path, written: set[Path]) -> None:
-    """Files an earlier analysis wrote into this folder that this one did not (a CSV export, figures of other
-    heads, token tables whose tokenizer no longer loads): left alone, they would pass for current results."""
-    candidates = [out / name for name in ("metrics.csv", "tokens.parquet", "top_tokens.parquet")]
-    candidates += list((out / "figures").glob("*.png"))
-    for path in candidates:
-        if path not in written:
-            path.unlink(missing_ok=True)
-
-
 def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
-    try:
-        return _analyze_run(run, out, label, cfg)
-    except (pl.exceptions.PolarsError, OSError):
-        name_damaged_part(run)  # one line naming the file, when a part is damaged
-        raise
-
-
-def _analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysis:
     lf = scan_metrics(run)
     record = run_record(run)
-    windows = record.get("model", {}).get("attention_windows")  # None: a run from before they were recorded
+    windows = attention_windows(run, record)  # None: a run from before they were recorded
     metrics = head_stats.metric_columns(lf)
     layers = head_stats.layers_of(lf)
     check_heads(cfg.heads, layers, int(lf.select(pl.col("head").max()).collect().item()) + 1)
@@ -235,13 +217,9 @@ def _analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalys
                            tokens_note, findings)  # fmt: skip
     report.write_run_report(analysis, cfg, out / "report.md")
     duckdb_views([view_source(analysis)], out / VIEWS_FILE)
-    written = set(figures)
     if cfg.export == "csv":
-        written.add(export_csv(lf, out / "metrics.csv"))
-    if top is not None:
-        written |= {out / "tokens.parquet", out / "top_tokens.parquet"}
-    remove_stale(out, written)
-    # After remove_stale: the page reads tokens.parquet and top_tokens.parquet only when this analysis wrote them.
+        export_csv(lf, out / "metrics.csv")
+    # Reads tokens.parquet and top_tokens.parquet only when this analysis wrote them (the staging folder starts empty).
     explorer.write_explorer(run, out, lf, record, label, cfg.skip_positions)
     return analysis
 
@@ -348,14 +326,19 @@ def analyze(cfg: DictConfig) -> list[Path]:
     with ExitStack() as locks:  # one writer per analysis folder; a second analysis of the same runs is refused
         for out in outs + ([joint] if joint else []):
             locks.enter_context(FolderLock(out, "output_dir"))
-        analyses = [analyze_run(run, out, label, cfg) for run, out, label in zip(runs, outs, labels)]
+        # Each analysis is written into a staging folder and moved into its folder once complete (publish.py).
+        analyses = []
+        for run, out, label in zip(runs, outs, labels):
+            with staging(out) as staged:
+                analyses.append(published(analyze_run(run, staged, label, cfg), out))
         reports = [a.out / "report.md" for a in analyses]
         comparison = None
         if joint:
-            comparison, figures = compare_runs(analyses, joint, cfg.skip_positions)
-            remove_stale(joint, set(figures))
-            report.write_sweep_report(analyses, comparison, figures, joint / "report.md")
-            duckdb_views([view_source(a) for a in analyses], joint / VIEWS_FILE)
+            with staging(joint) as staged:
+                comparison, figures = compare_runs(analyses, staged, cfg.skip_positions)
+                report.write_sweep_report(analyses, comparison, figures, staged / "report.md")
+                duckdb_views([view_source(a) for a in analyses], staged / VIEWS_FILE)
+                publish(staged, joint)
             reports.append(joint / "report.md")
     for a in analyses:
         print(report.console_summary(a, cfg.skip_positions))
@@ -367,7 +350,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
 
 
 def main(cfg: DictConfig) -> None:
-    # Each output file is written whole or not at all, so running again is all it takes.
+    # The analysis is moved into place only once complete (publish.py), so running again is all it takes.
     with ends_in_one_line(
         lambda: "free space (or choose a writable output_dir), then run the same command again",
         lambda: "run the same command again",
@@ -396,7 +379,7 @@ def cli() -> None:
     except SpectraError as error:
         print(f"spectra: error: {error}", file=sys.stderr)
         sys.exit(2)
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         hydra_entrypoint(main, "analyze", "spectra")
 
 

@@ -51,20 +51,50 @@ def ends_in_one_line(after_disk_fault: Callable[[], str], after_interrupt: Calla
         print(f"spectra: error: {fault}; {after_disk_fault()}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as stop:
-        print(f"spectra: interrupted ({stop or 'SIGINT'}); {after_interrupt()}", file=sys.stderr)
+        # Under torchrun every rank gets the signal: rank 0 speaks for all, the others end quietly.
+        if os.environ.get("RANK", "0") == "0":
+            # stop.args, not stop: an exception is always truthy, so `stop or 'SIGINT'` printed "()" for Ctrl-C.
+            print(f"spectra: interrupted ({signal_name(stop)}); {after_interrupt()}", file=sys.stderr)
         sys.exit(130)
 
 
+def signal_name(stop: KeyboardInterrupt) -> str:
+    """The signal behind an interrupt: the name stop_signals_as_interrupt gave it, else Ctrl-C's SIGINT."""
+    return str(stop.args[0]) if stop.args else "SIGINT"
+
+
+# SIGTERM: scancel, a SLURM time limit, `kill`. SIGHUP: the terminal closed, the ssh connection dropped.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (scancel, a SLURM time limit, `kill`) unwinds as Ctrl-C does: files in flight are finished or
-    removed, and the entrypoint ends with its one 'interrupted' line."""
+def stop_signals_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind as Ctrl-C does: files in flight are finished or removed, and the entrypoint ends
+    with its one 'interrupted' line (exit 130)."""
 
     def stop(signum: int, _frame) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block ends, then interrupt as they would have: for a few renames
+    that must happen together. (Handlers, not a signal mask: the mask is per thread, and Python runs handlers in
+    the main thread whichever thread the kernel chose.) Main thread only, as signal.signal is."""
+    arrived: list[int] = []
+    hold = lambda number, _frame: arrived.append(number)  # noqa: E731
+    previous = {number: signal.signal(number, hold) for number in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if arrived:
+        raise KeyboardInterrupt(signal.Signals(arrived[0]).name)

@@ -19,7 +19,7 @@ from spectra.config.paths import hydra_entrypoint
 from spectra.config.schema import checked_config, register_configs
 from spectra.data.shards import prepare
 from spectra.config.secrets import check_arguments_for_secrets
-from spectra.errors import ConfigError, SpectraError, ends_in_one_line, sigterm_as_interrupt
+from spectra.errors import ConfigError, SpectraError, ends_in_one_line, stop_signals_as_interrupt
 from spectra.models.loading import load_tokenizer, model_location
 
 register_configs()
@@ -70,7 +70,7 @@ def cli() -> None:
     if not any(arg.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for arg in sys.argv[1:]):
         # Preparation writes only data.data_dir: no run folder for Hydra to make (outputs/ may not be writable).
         sys.argv.append("hydra.run.dir=.")
-    with sigterm_as_interrupt():
+    with stop_signals_as_interrupt():
         hydra_entrypoint(main, "config", "spectra")
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -41,7 +42,7 @@ from spectra.config.schema import checked_config, register_configs
 from spectra.config.command_line import check_command_line, flags_first
 from spectra.config.dry_run import dry_run_estimate, dry_run_report, sweep_total
 from spectra.config.plan import Plan, output_key, preflight
-from spectra.errors import SpectraError, ends_in_one_line, sigterm_as_interrupt
+from spectra.errors import SpectraError, ends_in_one_line, stop_signals_as_interrupt
 from spectra.launch.distributed import (
     World,
     gathered,
@@ -59,6 +60,7 @@ from spectra.store.manifest import (
     fingerprint,
     listed_parts,
     manifest_path,
+    misaligned_batches,
 )
 from spectra.store.lock import FolderLock
 from spectra.store.writer import (
@@ -128,17 +130,22 @@ def capture(
     shape = {**describe(model), "attention_windows": attention_windows(model.config)}
     samples = plan.samples
     out.mkdir(parents=True, exist_ok=True)
+    own = share(samples, world)  # this rank's samples; all of them without torchrun
+    refusals = [why for why in gathered(world, misaligned_batches(own, cfg.hardware.batch_size, plan.resume)) if why]
+    if refusals:
+        raise SpectraError(refusals[0])
     earlier_timing = finished_run_timing(out, plan, len(samples)) if world.is_main else None
     if world.is_main:
         delete_leftovers(plan.resume, out, fingerprint(cfg))
     gathered(world, None)  # rank 0 has deleted the leftovers before any rank writes a part of the same name
     manifest_file = manifest_path(out, world.rank if world.size > 1 else None)
-    manifest = Manifest(manifest_file, fingerprint(cfg), plan.resume.kept_parts(manifest_file))
+    manifest = Manifest(
+        manifest_file, fingerprint(cfg), plan.resume.kept_parts(manifest_file), shape["attention_windows"]
+    )
     resumed_samples = len(plan.resume.completed)  # all ranks' kept parts
     resumed_rows = sum(part.rows for kept in plan.resume.kept.values() for part in kept)
     if world.is_main:
         write_samples(out / "samples.parquet", samples)
-    own = share(samples, world)  # this rank's samples; all of them without torchrun
 
     names = list(cfg.metrics.names)
     schema = metric_schema(names, cfg.metrics.storage_dtype)
@@ -222,8 +229,7 @@ def capture(
 def finished_already(plan: Plan, cfg: DictConfig, out: Path, world: World) -> dict:
     """A resumed run with every part intact: no weights loaded, the record (and its timings) kept."""
     if world.is_main:
-        delete_leftovers(plan.resume, out, fingerprint(cfg))  # only temporary files can be left; run.json is back below
-        write_json_atomic(plan.resume.previous_record, out / "run.json")
+        delete_leftovers(plan.resume, out, fingerprint(cfg))  # only temporary files can be left; run.json stays
     return plan.resume.previous_record
 
 
@@ -277,11 +283,15 @@ def main(composed: DictConfig) -> None:
     """The run, once Hydra has composed its config (cli below)."""
     out = None
 
-    def kept() -> str:  # asked for only on a fault, by when `out` may name the run directory
-        return f"the finished parts are kept; {resume_hint(out)}"
+    # Asked for only on a fault, by when `out` may name the run directory.
+    def after_disk_fault() -> str:
+        return resume_hint(composed, out, "free space, then ")
 
-    # Ctrl-C, or SIGTERM (sigterm_as_interrupt): parts in flight have landed before the line is printed.
-    with ends_in_one_line(kept, kept):
+    def after_interrupt() -> str:
+        return resume_hint(composed, out)
+
+    # Ctrl-C, SIGTERM or SIGHUP (stop_signals_as_interrupt): parts in flight have landed before the line is printed.
+    with ends_in_one_line(after_disk_fault, after_interrupt):
         with joined() as world:
             cfg = checked_config(composed)
             cfg.hardware.device = rank_device(cfg.hardware.device, world)
@@ -305,16 +315,36 @@ def main(composed: DictConfig) -> None:
         print_summary(record)
 
 
-def resume_hint(out: Path | None) -> str:
+def resume_hint(composed: DictConfig, out: Path | None, first: str = "") -> str:
+    """What was kept, and the command that finishes the run (or sweep): 'N finished part(s) are kept; finish the
+    run with: <command>'."""
     if out is None:
         return "nothing was written"
-    if HydraConfig.get().mode == RunMode.MULTIRUN:  # every job, finished ones skipped, in its own folder again
-        sweep = HydraConfig.get().sweep.dir
-        return (
-            "finish the sweep with: python -m spectra.run -m <same overrides> run.resume=true "
-            f"hydra.sweep.dir={sweep}"
-        )
-    return f"finish the run with: python -m spectra.run <same overrides> run.resume=true hydra.run.dir={out}"
+    parts = len(listed_parts(out)) if out.is_dir() else 0
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        kept = f"the finished jobs and {parts} finished part(s) of this one are kept"
+        return f"{kept}; {first}finish the sweep with: {resume_command(composed, out)}"
+    kept = f"{parts} finished part(s) are kept" if parts else "no part was finished"
+    return f"{kept}; {first}{'finish' if parts else 'restart'} the run with: {resume_command(composed, out)}"
+
+
+def resume_command(composed: DictConfig, out: Path) -> str:
+    """The command that started this process, quoted for a POSIX shell, with run.resume=true and its folder: in a
+    sweep every job's folder is found again (finished jobs are skipped), so the sweep's folder is given."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        key, folder = "hydra.sweep.dir", HydraConfig.get().sweep.dir
+    else:
+        key, folder = ("run.output_dir" if composed.run.output_dir else "hydra.run.dir"), str(out)
+    arguments = [a for a in sys.argv[1:] if not a.lstrip("+~").startswith(("run.resume=", f"{key}="))]
+    arguments += ["run.resume=true", f"{key}={folder}"]
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1:
+        program = f"torchrun --nproc_per_node={ranks} -m spectra.run"
+    else:  # the interpreter as it was typed (.venv/bin/python, python3, ...) when started as python -m spectra.run
+        typed = sys.orig_argv[:3] if len(sys.orig_argv) >= 3 else []
+        python = typed[0] if typed[1:3] == ["-m", "spectra.run"] else "python"
+        program = f"{shlex.quote(python)} -m spectra.run"
+    return " ".join([program, *map(shlex.quote, arguments)])
 
 
 def dry_run(jobs: list[tuple[DictConfig, Path]]) -> None:
@@ -344,7 +374,7 @@ def cli() -> None:
     except KeyboardInterrupt:
         print("spectra: interrupted (SIGINT) while checking the command line; nothing was written", file=sys.stderr)
         sys.exit(130)
-    with sigterm_as_interrupt():  # queued parts land, W&B finishes as interrupted, the run can be resumed
+    with stop_signals_as_interrupt():  # queued parts land, W&B finishes as interrupted, the run can be resumed
         hydra_entrypoint(main, "config", "spectra")
 
 

@@ -13,11 +13,16 @@ run `python -m spectra.analyze run_dir=<folder>` first.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from spectra.analysis.exports import VIEWS_FILE, open_views
 from spectra.errors import SpectraError
+from spectra.store.manifest import verified_parts
+
+# How duckdb_views.sql names a run's parts: read_parquet('<run, relative to the views folder>/metrics/part-*.parquet')
+PARTS_IN_VIEWS = re.compile(r"read_parquet\('((?:[^']|'')*)/metrics/part-\*\.parquet'\)")
 
 
 def views_folder(folder: Path) -> Path:
@@ -27,6 +32,14 @@ def views_folder(folder: Path) -> Path:
     raise SpectraError(
         f"{folder}: no {VIEWS_FILE} here or in its analysis/; run python -m spectra.analyze run_dir={folder} first"
     )
+
+
+def verify_runs(folder: Path) -> None:
+    """Every run the views read, its parts verified against their manifests (the rule every reader follows)
+    before DuckDB reads a row: a part damaged in place would otherwise change query results silently."""
+    views = (folder / VIEWS_FILE).read_text()
+    for run in PARTS_IN_VIEWS.findall(views):
+        verified_parts(folder / run.replace("''", "'"))
 
 
 def statements(stream) -> list[str]:
@@ -71,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("query", nargs="?", help="one SQL statement; without it, statements are read from stdin")
     try:
         args = parser.parse_args(argv)
-        connection = views(views_folder(args.folder))
+        folder = views_folder(args.folder)
+        verify_runs(folder)
+        connection = views(folder)
         for query in [args.query] if args.query else statements(sys.stdin):
             run_query(connection, query)
     except SpectraError as error:

@@ -3,6 +3,7 @@ sweep comparison's axes, and one-line errors from the command line."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import test_env as subprocess_env  # as: pytest would collect a te
 from test_analyze import analyze_cli
 
 from spectra.analyze import sweep_axes
+from spectra.store.manifest import file_sha256
 
 
 def sql_cli(tmp_path: Path, *args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -91,6 +93,13 @@ def test_an_extra_metric_column_is_analysed_like_the_others(analysed, tmp_path):
     for part in sorted((run / "metrics").glob("part-*.parquet")):
         frame = pl.read_parquet(part)
         frame.with_columns((pl.col("query_norm") * 2 + 1).cast(pl.Float32).alias("value_norm")).write_parquet(part)
+    # As a capture with that metric would list them: the readers verify every part against its manifest line.
+    manifest = run / "manifest.jsonl"
+    header, *lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for line in lines:
+        part = run / "metrics" / line["part"]
+        line.update(bytes=part.stat().st_size, sha256=file_sha256(part))
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in [header, *lines]))
     analyze(analyze_config(f"run_dir={run}", "bootstrap=20"))
     out = run / "analysis"
     heads = pl.read_parquet(out / "heads.parquet")

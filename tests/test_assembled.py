@@ -1,5 +1,6 @@
 """Model files assembled from chunk packages into the user cache (spectra/models/assembled.py): assembled once,
-reused without re-hashing, re-hashed when changed, refused when corrupt, and one line when the package is missing.
+hashed once per process, refused when corrupt (bit rot with size and mtime unchanged included), and one line when
+the package is missing.
 A stand-in package (two chunks, the real package's assemble contract) keeps these tests instant; the real Gemma 3
 package runs in tests/test_gemma3.py."""
 
@@ -44,27 +45,30 @@ def chunked(tmp_path, monkeypatch):
     return chunked_model
 
 
-def test_assembled_once_then_reused_without_hashing(chunked, tmp_path, monkeypatch):
+def test_assembled_once_then_reused_and_hashed_once_per_process(chunked, tmp_path, monkeypatch):
     path = assembled_file("chunked_model", "model.gguf")
     assert path == tmp_path / "cache" / "spectra" / "models" / "chunked_model" / "model.gguf"
     assert path.read_bytes() == CONTENT and len(chunked.calls) == 1
-    assert sorted(p.name for p in path.parent.iterdir()) == ["model.gguf", "model.gguf.verified.json"]  # no .partial
+    assert [p.name for p in path.parent.iterdir()] == ["model.gguf"]  # no .partial left
 
-    def no_hashing(_path):
-        raise AssertionError("an unchanged, verified file was hashed again")
+    hashed = []
+    monkeypatch.setattr(assembled, "sha256_file", lambda p: hashed.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
+    assert assembled_file("chunked_model", "model.gguf") == path and hashed == []  # this process assembled it
+    monkeypatch.setattr(assembled, "_VERIFIED", set())  # the next run: a new process
+    assert assembled_file("chunked_model", "model.gguf") == path and assembled_file("chunked_model", "model.gguf")
+    assert hashed == [path] and len(chunked.calls) == 1  # hashed once in that process, not assembled again
 
-    monkeypatch.setattr(assembled, "sha256_file", no_hashing)
-    assert assembled_file("chunked_model", "model.gguf") == path
-    assert len(chunked.calls) == 1
 
-
-def test_a_changed_file_is_hashed_again_and_a_corrupt_one_refused(chunked):
+def test_bit_rot_with_unchanged_size_and_mtime_is_refused(chunked, monkeypatch):
+    """A flipped bit leaves size and mtime as they were: only the content check finds it, in the next run."""
     path = assembled_file("chunked_model", "model.gguf")
-    os.utime(path, ns=(0, 0))  # same content, another mtime: hashed again, still good, stamp renewed
-    assert assembled_file("chunked_model", "model.gguf") == path
+    stat = path.stat()
     corrupt = bytearray(CONTENT)
-    corrupt[-1] ^= 1
-    path.write_bytes(bytes(corrupt))  # same size
+    corrupt[len(corrupt) // 2] ^= 4
+    path.write_bytes(bytes(corrupt))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    monkeypatch.setattr(assembled, "_VERIFIED", set())  # the next run
     with pytest.raises(SpectraError, match=r"model.gguf is corrupt .* delete it and run again"):
         assembled_file("chunked_model", "model.gguf")
     path.unlink()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -193,8 +194,10 @@ def test_sweep_is_checked_whole_then_resumes_in_place_and_folder_names_with_brac
     points = ["metrics.names=[entropy,k_eff],[max_attn]"]
     env = {"SPECTRA_CRASH_AT": "attention-layer:16", "SPECTRA_CRASH_SIGNAL": "SIGTERM"}
     killed = spectra(tmp_path, "-m", *base, *points, env=env)
-    line = one_line_error(killed, r"", code=130, prefix="spectra: interrupted (SIGTERM); the finished parts are kept;")
-    assert f"python -m spectra.run -m <same overrides> run.resume=true hydra.sweep.dir={sweep}" in line
+    line = one_line_error(killed, r"", code=130, prefix="spectra: interrupted (SIGTERM); the finished jobs and 1 "
+                                                       "finished part(s) of this one are kept; finish the sweep with: ")
+    resume = [sys.executable, "-m", "spectra.run", "-m", *ARGS, *points, "run.resume=true", f"hydra.sweep.dir={sweep}"]
+    assert shlex.split(line.split("finish the sweep with: ")[1]) == resume  # the exact command, run below
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     fixed = "data.context_length=16,data.n_samples=4,data=synthetic,hardware.batch_size=1"
     assert [p.name for p in jobs] == [f"0_{fixed},metrics.names=[entropy,k_eff],model=tiny_llama",
@@ -202,7 +205,7 @@ def test_sweep_is_checked_whole_then_resumes_in_place_and_folder_names_with_brac
     assert len(list((jobs[1] / "metrics").iterdir())) == 1
     finished_part = (jobs[0] / "metrics" / "part-000000.parquet").stat().st_mtime_ns
 
-    resumed = spectra(tmp_path, "-m", *base, *points, "run.resume=true")
+    resumed = spectra(tmp_path, *resume[3:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p for p in sweep.iterdir() if p.is_dir()) == jobs  # the same folders, no new ones
     for job in jobs:
@@ -390,8 +393,10 @@ def test_disk_full_and_read_only_end_in_one_line_and_the_run_resumes(tmp_path, s
     run_dir = small_disk / "run"
     many = [*ARGS, "data.n_samples=40", f"hydra.run.dir={run_dir}"]  # 40 parts of ~5.6 KB: more than the disk holds
     full = spectra(tmp_path, *many, process=True)  # its files closed at exit, so the disk can be remounted
-    resume = rf"python -m spectra\.run <same overrides> run\.resume=true hydra\.run\.dir={re.escape(str(run_dir))}"
-    line = one_line_error(full, rf"the disk is full; the finished parts are kept; finish the run with: {resume}")
+    resume = re.escape(shlex.join([sys.executable, "-m", "spectra.run", *ARGS, "data.n_samples=40", "run.resume=true",
+                                   f"hydra.run.dir={run_dir}"]))  # fmt: skip
+    line = one_line_error(full, rf"the disk is full; \d+ finished part\(s\) are kept; free space, then finish the run "
+                                rf"with: {resume}$")  # fmt: skip
     kept = sorted(p.name for p in (run_dir / "metrics").iterdir())
     assert 0 < len(kept) < 40 and all(name.endswith(".parquet") for name in kept), (line, kept)  # no temporary files
     assert not list(run_dir.glob("*.inprogress"))

@@ -20,8 +20,7 @@ import pytest
 from conftest import REPO, run_spectra_inprocess
 
 from spectra.data.sample import Sample
-from spectra.errors import SpectraError
-from spectra.store.manifest import batch_done, read_manifest
+from spectra.store.manifest import PartRecord, ResumeState, batch_done, misaligned_batches, read_manifest
 
 ARGS = ["model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=8", "hardware.batch_size=1",
         "logger=none"]  # fmt: skip
@@ -121,7 +120,8 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(tmp_path, uninterrupted):
     process = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert process.returncode == 130, process.stderr[-2000:]
     assert "Traceback" not in process.stderr
-    assert process.stderr.strip().splitlines()[-1].startswith("spectra: interrupted (SIGTERM); the finished parts")
+    last = process.stderr.strip().splitlines()[-1]
+    assert last.startswith("spectra: interrupted (SIGTERM); 2 finished part(s) are kept; finish the run with: ")
     # SIGTERM arrived inside the third batch: the two batches before it were written and listed, not lost.
     assert listed_parts(run_dir) == on_disk(run_dir, "*.parquet") == ["part-000000.parquet", "part-000001.parquet"]
     assert not on_disk(run_dir, "*.inprogress")
@@ -164,9 +164,17 @@ def test_manifest_ignores_a_torn_last_line(tmp_path):
     assert [p.part for p in parts] == ["part-000000.parquet"]
 
 
-def test_batch_partly_done_is_refused():
-    batch = [Sample(i, np.zeros(4, dtype=np.int64), "synthetic", "seed-0", i) for i in (4, 5)]
-    assert batch_done(batch, {4, 5, 6})
-    assert not batch_done(batch, {1, 2})
-    with pytest.raises(SpectraError, match=r"samples \[4, 5\] are only partly in the run's parts"):
-        batch_done(batch, {5})
+def test_batches_that_do_not_line_up_with_the_kept_parts_are_refused_with_the_writers_count():
+    """Parts written at batch size 2 resumed with batch size 3 (the shares of another number of ranks): the batch
+    [0, 1, 2] is partly done; the advice names the number of processes that wrote the parts."""
+    samples = [Sample(i, np.zeros(4, dtype=np.int64), "synthetic", "seed-0", i) for i in range(6)]
+    kept = [PartRecord("part-000000.parquet", [0, 1], 1, 1)]
+    single = ResumeState(kept={"manifest.jsonl": kept}, completed={0, 1})
+    assert misaligned_batches(samples, 2, single) is None and batch_done(samples[:2], single.completed)
+    assert not batch_done(samples[2:4], single.completed)
+    why = misaligned_batches(samples, 3, single)
+    assert "samples [0, 1, 2] are only partly in the run's parts" in why and "by 1 process(es)" in why
+    assert "resume with python -m spectra.run (no torchrun) <same overrides> run.resume=true" in why
+    ranks = ResumeState(kept={"manifest.rank0.jsonl": kept, "manifest.rank2.jsonl": []}, completed={0, 1})
+    assert "by 3 process(es)" in misaligned_batches(samples, 3, ranks)
+    assert "torchrun --nproc_per_node=3 -m spectra.run" in misaligned_batches(samples, 3, ranks)

@@ -46,9 +46,9 @@ def head_table(out: Path) -> pl.DataFrame:
     """One row per (layer, head): every metric's mean (heads.parquet) and, per metric y, the position-controlled
     partial_r, its interval and q-value of query_norm with y (correlations.parquet) as `partial_r_<y>`, ...
     The table the page's heatmaps and head panel show, and the one logged to W&B."""
-    heads = pl.read_parquet(out / "heads.parquet")
+    heads = pl.read_parquet(out / "heads.parquet", glob=False)
     table = heads.select("layer", "head", *[c for c in heads.columns if c.endswith("_mean")])
-    correlations = pl.read_parquet(out / "correlations.parquet")
+    correlations = pl.read_parquet(out / "correlations.parquet", glob=False)
     if "partial_r" in correlations.columns and correlations.height:
         wide = correlations.pivot(on="y", index=["layer", "head"], values=list(PARTIAL), separator="_")
         # entropy first: the question the report leads with.
@@ -62,7 +62,7 @@ def tables(out: Path) -> dict[str, pl.DataFrame]:
     """The page's tables, for W&B: the per-head table and, when the run's text was decoded, the top tokens."""
     found = {"explorer_heads": head_table(out)}
     if (out / "top_tokens.parquet").is_file():
-        found["top_tokens"] = pl.read_parquet(out / "top_tokens.parquet")
+        found["top_tokens"] = pl.read_parquet(out / "top_tokens.parquet", glob=False)
     return found
 
 
@@ -103,13 +103,16 @@ def token_rows(
     shown = (pl.col("sample_id").is_in(sample_ids)) & (pl.col("token_pos") < positions)
     keys = ["sample_id", "layer", "head", "token_pos"]
     frame = with_ratios(lf.filter(shown), windows).collect(engine="streaming")
-    # Ranks need all of a head's rows, every sample's: as many layers at a time as ROWS_PER_PASS allows.
-    step = max(1, ROWS_PER_PASS // max(layer_rows, 1))
-    residuals = [
-        residual_ranks(lf.filter(pl.col("layer").is_in(layers[i : i + step])), skip_positions).filter(shown).collect()
-        for i in range(0, len(layers), step)
-    ]
-    frame = frame.join(pl.concat(residuals), on=keys, how="left")
+    # The scatter's residual ranks need both of its columns; a run of other metrics (metrics.names) has none, and the
+    # page says so.
+    if set(RESIDUALS) <= set(lf.collect_schema().names()):
+        # Ranks need all of a head's rows, every sample's: as many layers at a time as ROWS_PER_PASS allows.
+        step = max(1, ROWS_PER_PASS // max(layer_rows, 1))
+        residuals = [
+            residual_ranks(lf.filter(pl.col("layer").is_in(layers[i : i + step])), skip_positions).filter(shown).collect()
+            for i in range(0, len(layers), step)
+        ]
+        frame = frame.join(pl.concat(residuals), on=keys, how="left")
     sample_index = {s: i for i, s in enumerate(sample_ids)}
     layer_index = {layer: i for i, layer in enumerate(layers)}
     s = frame["sample_id"].replace_strict(sample_index, return_dtype=pl.Int64).to_numpy()
@@ -155,11 +158,11 @@ def token_text(out: Path, run: Path, sample_ids: list[int], positions: int) -> l
     """Each shown sample's token pieces: tokens.parquet, or the ids from samples.parquet when there is no text."""
     chosen = (pl.col("sample_id").is_in(sample_ids)) & (pl.col("token_pos") < positions)
     if (out / "tokens.parquet").is_file():
-        table = pl.read_parquet(out / "tokens.parquet").filter(chosen)
+        table = pl.read_parquet(out / "tokens.parquet", glob=False).filter(chosen)
         pieces = {key: group.sort("token_pos")["token"].to_list() for key, group in table.group_by("sample_id")}
         return [pieces.get((s,), []) for s in sample_ids]
     if (run / "samples.parquet").is_file():
-        samples = pl.read_parquet(run / "samples.parquet").filter(pl.col("sample_id").is_in(sample_ids))
+        samples = pl.read_parquet(run / "samples.parquet", glob=False).filter(pl.col("sample_id").is_in(sample_ids))
         ids = dict(zip(samples["sample_id"].to_list(), samples["input_ids"].to_list()))
         return [[f"[{i}]" for i in ids.get(s, [])[:positions]] for s in sample_ids]
     return [[] for _ in sample_ids]
@@ -174,7 +177,7 @@ def colour_ranges(out: Path, names: list[str]) -> dict[str, list]:
     """Per metric, per head (layer-major), the colour scale's [low, high]: the head's q05 and q95 over the whole
     run (a few extreme tokens, such as the first, would otherwise wash out the rest), or min and max where those
     coincide."""
-    heads = pl.read_parquet(out / "heads.parquet").sort("layer", "head")
+    heads = pl.read_parquet(out / "heads.parquet", glob=False).sort("layer", "head")
     ranges = {}
     for name in names:
         if f"{name}_q05" not in heads.columns:
@@ -208,7 +211,7 @@ def page_data(run: Path, out: Path, lf: pl.LazyFrame, record: dict, label: str, 
     heads = int(table["head"].max()) + 1
     all_samples = sorted(lf.select(pl.col("sample_id").unique()).collect()["sample_id"].to_list())
     positions = int(lf.select(pl.col("token_pos").max()).collect().item()) + 1
-    embedded = len(metrics) + len(RESIDUALS)
+    embedded = len(metrics) + len(RESIDUALS)  # an upper bound: a run without query_norm or entropy has no residuals
     samples, shown_positions = shown_window(len(all_samples), positions, len(layers) * heads * embedded, TOKEN_VALUES)
     sample_ids = all_samples[:samples]
     layer_rows = len(all_samples) * positions * heads
@@ -216,7 +219,7 @@ def page_data(run: Path, out: Path, lf: pl.LazyFrame, record: dict, label: str, 
     centres, profile = profiles(lf, windows, metrics, layers, heads, positions)
     grid = pl.DataFrame({"layer": np.repeat(layers, heads), "head": np.tile(np.arange(heads), len(layers))})
     table = grid.join(table.cast({"layer": pl.Int64, "head": pl.Int64}), on=["layer", "head"], how="left")
-    top = pl.read_parquet(out / "top_tokens.parquet") if (out / "top_tokens.parquet").is_file() else None
+    top = pl.read_parquet(out / "top_tokens.parquet", glob=False) if (out / "top_tokens.parquet").is_file() else None
     rows_total = layer_rows * len(layers)
     return {
         "title": describe(record, label),
@@ -240,7 +243,7 @@ def page_data(run: Path, out: Path, lf: pl.LazyFrame, record: dict, label: str, 
         "profile_positions": centres,
         "profiles": {name: float32_base64(array) for name, array in profile.items()},
         # fill_nan: a non-finite value kept by run.on_nonfinite=record (JSON has no NaN).
-        "top_tokens": [] if top is None else top.select(
+        "top_tokens": [] if top is None or "layer" not in top.columns else top.select(
             "layer", "highlight", "rank", "sample_id", "token_pos", pl.col("value").fill_nan(None), "context"
         ).to_dicts(),  # fmt: skip
     }

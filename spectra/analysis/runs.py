@@ -12,7 +12,7 @@ from typing import Any, Optional
 import polars as pl
 
 from spectra.errors import ConfigError, SpectraError
-from spectra.store.manifest import listed_parts, part_damage
+from spectra.store.manifest import MANIFEST_GLOB, read_manifest, verified_parts
 
 
 def is_run(folder: Path) -> bool:
@@ -39,7 +39,14 @@ def find_runs(run_dir: Any) -> tuple[list[Path], Optional[Path]]:
         jobs = sorted((sub for sub in name.iterdir() if sub.is_dir() and is_run(sub)), key=job_order)
         if not jobs:
             raise ConfigError("run_dir", f"{name} holds no metrics/ folder and no runs; is it a Spectra run folder?")
-        runs += jobs
+        # A job that wrote no part (killed before its first batch, or still starting) has nothing to analyse;
+        # it must not stop the analysis of the sweep's other jobs.
+        empty = [job for job in jobs if not any((job / "metrics").glob("part-*.parquet"))]
+        for job in empty:
+            print(f"spectra: note: {job} has no parts yet; left out of the analysis", file=sys.stderr)
+        if len(empty) == len(jobs):
+            raise ConfigError("run_dir", f"{name}: none of its {len(jobs)} runs has written a part yet")
+        runs += [job for job in jobs if job not in empty]
         sweep = sweep or name
     # The same run named twice ([A,A], or a run and its sweep) is analysed once: a "comparison" of a run with
     # itself would overwrite the run's own report.
@@ -64,29 +71,27 @@ def run_record(run: Path) -> dict:
     return record
 
 
+def attention_windows(run: Path, record: dict) -> Optional[list]:
+    """The keys each layer's queries see (None: all earlier tokens), which the window-aware ratios divide by:
+    from run.json, or, for a run killed before writing it, from its manifests' header (written before any part)."""
+    if "attention_windows" in record.get("model", {}):
+        return record["model"]["attention_windows"]
+    for manifest in sorted(run.glob(MANIFEST_GLOB)):
+        header, _ = read_manifest(manifest)
+        if header is not None and "attention_windows" in header:
+            return header["attention_windows"]
+    return None
+
+
 def scan_metrics(run: Path) -> pl.LazyFrame:
-    # part-*: the writer's in-progress files end in .inprogress, but be strict anyway.
-    parts = sorted((run / "metrics").glob("part-*.parquet"))
+    """The run's parts, each verified against its manifest line first (verified_parts): a damaged, foreign or
+    unlisted part is one line naming it, never a silently different result."""
+    parts = verified_parts(run)
     if not parts:
         raise SpectraError(f"{run / 'metrics'}: no part-*.parquet files; did the capture run write any batch?")
     # The files themselves, glob=False: a sweep job's folder name may hold [ ] (list-valued overrides), which a
     # glob pattern would read as a character class and match nothing.
     return pl.scan_parquet(parts, glob=False)
-
-
-def name_damaged_part(run: Path) -> None:
-    """After a read failed: raises SpectraError naming the first part that is not what the run's manifests list.
-    Hashes every part, so it runs only once something is known to be wrong."""
-    listed = listed_parts(run)
-    if not listed:
-        return  # no manifest (an older Spectra): nothing to compare with
-    for path in sorted((run / "metrics").glob("part-*.parquet")):
-        damage = part_damage(path, listed[path.name]) if path.name in listed else "not listed in any manifest"
-        if damage:
-            raise SpectraError(
-                f"{path}: {damage}; python -m spectra.run <the run's overrides> run.resume=true hydra.run.dir={run} "
-                "captures it again"
-            )
 
 
 @dataclass

@@ -21,6 +21,7 @@ from spectra.capture.metrics import METRIC_FIELDS as METRIC_NAMES
 from spectra.config.secrets import check_config_for_secrets
 from spectra.errors import ConfigError
 from spectra.launch.distributed import format_launch_time
+from spectra.launch.sweep_folders import job_folder
 from spectra.store.writer import PARQUET_CODECS
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -139,6 +140,8 @@ def register_configs() -> None:
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
     # conf/config.yaml's hydra.run.dir: Hydra's `now`, but one folder for all torchrun ranks.
     OmegaConf.register_new_resolver("spectra.launch_time", format_launch_time, replace=True)
+    # conf/config.yaml's hydra.sweep.subdir: a resumed sweep finds each job's folder by its overrides, not its number.
+    OmegaConf.register_new_resolver("spectra.job_folder", job_folder, replace=True)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

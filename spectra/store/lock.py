@@ -39,7 +39,14 @@ class FolderLock:
     def __enter__(self) -> "FolderLock":
         self.folder.mkdir(parents=True, exist_ok=True)
         # No O_TRUNC: the file may belong to a live holder whose name we need to read if the lock is refused.
-        descriptor = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a lock that is a symlink must not get its target overwritten with our name.
+        path = self.folder / LOCK_NAME
+        try:
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except OSError as error:
+            if error.errno not in (errno.ELOOP, errno.EISDIR):
+                raise
+            raise self._not_a_lock("a symbolic link" if error.errno == errno.ELOOP else "a directory") from None
         self._take(descriptor)
         started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
         arguments = " ".join(sys.argv[1:])[:200]
@@ -50,13 +57,24 @@ class FolderLock:
         return self
 
     def check_free(self) -> None:
-        """Refuses, as entering would, when another process holds the lock; takes nothing, writes nothing."""
+        """Refuses, as entering would, when another process holds the lock or the lock is not a plain file; takes
+        nothing, writes nothing."""
+        path = self.folder / LOCK_NAME
+        if path.is_symlink() or path.is_dir():
+            raise self._not_a_lock("a symbolic link" if path.is_symlink() else "a directory")
         try:
-            descriptor = os.open(self.folder / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+            descriptor = os.open(self.folder / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError:
-            return  # no lock file (or an unreadable one): nobody to name; entering decides
+            return  # no lock file (or an unreadable one, or a symlink): nobody to name; entering decides
         self._take(descriptor)
         os.close(descriptor)  # also drops the lock just taken
+
+    def _not_a_lock(self, what: str) -> ConfigError:
+        return ConfigError(
+            self.key,
+            f"{self.folder / LOCK_NAME} is {what}, not Spectra's lock file; Spectra leaves it as it is: remove it, "
+            f"or choose another {self.key}",
+        )
 
     def _take(self, descriptor: int) -> None:
         try:

@@ -9,8 +9,13 @@ writer (`manifest.jsonl`, or `manifest.rank<r>.jsonl` for rank r under torchrun)
 
 A resume (`run.resume=true` with the run's directory) refuses a different fingerprint, naming what differs,
 keeps the listed parts whose files match their size and sha256, deletes everything else a killed run may have
-left (damaged parts, temporary files, parts written but never listed, a stale run.json), and skips the batches
-already done, so the finished directory holds exactly what an uninterrupted run writes.
+left (damaged parts, temporary files, parts written but never listed), and skips the batches already done, so the
+finished directory holds exactly what an uninterrupted run writes. run.json is never deleted: the resume replaces
+it (write-new-then-rename) once it has a new one. A folder is a Spectra run only if a manifest of its own says so:
+files Spectra did not write (a user's run.json, samples.parquet or manifest.jsonl) are never replaced.
+
+Every reader of parts (resume, spectra.analyze, spectra.sql, the W&B summary) applies one rule, `verified_parts`:
+each part must be listed, match its listed size and sha256, and carry the settings hash of its manifest's header.
 
     python -m spectra.run model=tiny_llama data=synthetic hydra.run.dir=outputs/r1                   # killed
     python -m spectra.run model=tiny_llama data=synthetic hydra.run.dir=outputs/r1 run.resume=true   # finishes
@@ -32,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spectra.data.sample import Sample
 from spectra.errors import ConfigError, SpectraError
+from spectra.models.checkpoint_digest import checkpoint_digest
 
 MANIFEST_GLOB = "manifest*.jsonl"
 MANIFEST_VERSION = 2  # 2: every part line has sha256 and settings (the fingerprint's hash)
@@ -45,14 +51,18 @@ def manifest_path(out: Path, rank: int | None = None) -> Path:
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """The settings that decide the dataset: model, data, metrics, and the hardware settings above."""
+    """The settings that decide the dataset: model, data, metrics, the hardware settings above, and what identifies
+    the weights of a local checkpoint folder (the same model.path may hold other weights later)."""
     config = OmegaConf.to_container(cfg, resolve=True)
-    return {
+    settings = {
         "model": config["model"],
         "data": config["data"],
         "metrics": config["metrics"],
         "hardware": {name: config["hardware"][name] for name in FINGERPRINT_HARDWARE},
     }
+    if weights := checkpoint_digest(cfg.model):
+        settings["weights"] = weights
+    return settings
 
 
 def settings_hash(fingerprint_: dict) -> str:
@@ -139,6 +149,18 @@ def listed_parts(out: Path) -> dict[str, PartRecord]:
     return {part.part: part for path in sorted(out.glob(MANIFEST_GLOB)) for part in read_manifest(path)[1]}
 
 
+def foreign_manifest(path: Path) -> bool:
+    """True for a manifest*.jsonl that Spectra did not write: not empty, yet no line is a Spectra header or part
+    line. (Spectra writes the header whole, by rename, so its own manifest always has one readable line.)"""
+    try:
+        if path.stat().st_size == 0:
+            return False
+    except OSError:
+        return False
+    header, parts = read_manifest(path)
+    return header is None and not parts
+
+
 def write_text_atomic(text: str, path: Path) -> None:
     """path holds the old text or the new, never a part: written under another name, synced, then renamed."""
     temporary = path.with_name(path.name + ".inprogress")
@@ -165,11 +187,18 @@ def fsync_directory(directory: Path) -> None:
 class Manifest:
     """One writer's append-only manifest; starts as the header plus the parts kept from earlier attempts."""
 
-    def __init__(self, path: Path, fingerprint_: dict, kept: Sequence[PartRecord] = ()):
+    def __init__(
+        self, path: Path, fingerprint_: dict, kept: Sequence[PartRecord] = (), attention_windows: list | None = None
+    ):
+        """attention_windows: the keys each layer's queries see; in the header (written before any part), so a
+        run killed before run.json is still analysed with the right window-aware ratios."""
         self.path = path
         self.parts = list(kept)
         self.settings = settings_hash(fingerprint_)
-        lines = [{"manifest_version": MANIFEST_VERSION, "fingerprint": fingerprint_}] + [asdict(p) for p in kept]
+        header = {"manifest_version": MANIFEST_VERSION, "fingerprint": fingerprint_}
+        if attention_windows is not None:
+            header["attention_windows"] = attention_windows
+        lines = [header] + [asdict(p) for p in kept]
         write_text_atomic("".join(json.dumps(line) + "\n" for line in lines), path)
         fsync_directory(path.parent)
 
@@ -217,6 +246,56 @@ def part_damage(path: Path, part: PartRecord) -> str | None:
     return None
 
 
+def verified_parts(run: Path) -> list[Path]:
+    """The run's part files, in name order, each checked against the manifest line that lists it: listed, the
+    listed size, sha256 and row count, and the settings hash of its manifest's header. Every reader of parts uses
+    this (spectra.analyze, spectra.sql, the W&B summary), so a damaged, foreign or unlisted part never reaches a
+    result; the first that fails is one SpectraError naming it and what to do. Each file is hashed once per call
+    (~1 s per GB): the price of results that cannot silently change."""
+    parts = sorted((run / "metrics").glob("part-*.parquet"))
+    if not parts:
+        return []
+    resume = f"python -m spectra.run <the run's overrides> run.resume=true hydra.run.dir={run}"
+    manifests = sorted(run.glob(MANIFEST_GLOB))
+    if not manifests or any(foreign_manifest(m) for m in manifests):
+        raise SpectraError(
+            f"{run}: no Spectra manifest (manifest.jsonl) lists its parts, so they cannot be verified (a folder "
+            "not written by Spectra, or by a Spectra older than manifests); capture the run again"
+        )
+    listed: dict[str, tuple[Path, PartRecord]] = {}
+    run_settings: set[str] = set()
+    for manifest in manifests:
+        header, lines = read_manifest(manifest)
+        expected = settings_hash(header["fingerprint"]) if header is not None else None
+        if expected is not None:
+            run_settings.add(expected)
+        for part in lines:
+            if part.sha256 is None or part.settings is None or expected not in (None, part.settings):
+                raise SpectraError(
+                    f"{run / 'metrics' / part.part}: its line in {manifest.name} has another settings hash than the "
+                    "manifest's header, or none (a part copied from another run, or an edited manifest); it cannot "
+                    "be trusted: capture the run again"
+                )
+            run_settings.add(part.settings)
+            listed[part.part] = (manifest, part)
+    if len(run_settings) > 1:
+        raise SpectraError(
+            f"{run}: its manifests record {len(run_settings)} different settings hashes (parts of other runs mixed "
+            "in); it cannot be trusted: capture the run again"
+        )
+    for path in parts:
+        if path.name not in listed:
+            raise SpectraError(
+                f"{path}: not listed in any manifest (written by an attempt killed before it could list it); "
+                f"{resume} finishes the run (it deletes the file and captures it again), or delete the file to "
+                "read only the listed parts"
+            )
+        damage = part_damage(path, listed[path.name][1])
+        if damage is not None:
+            raise SpectraError(f"{path}: {damage}; {resume} captures it again")
+    return parts
+
+
 def _check_samples(out: Path, samples: Sequence[Sample]) -> None:
     """A resume must capture the same token windows as the attempt it finishes."""
     path = out / "samples.parquet"
@@ -251,6 +330,23 @@ def inspect_run_directory(
     """
     state = ResumeState()
     existing = _run_files(out)
+    manifests = sorted(out.glob(MANIFEST_GLOB))
+    for manifest in manifests:
+        if foreign_manifest(manifest):
+            raise ConfigError(
+                key,
+                f"{manifest} was not written by Spectra (no line of it is a Spectra manifest line); Spectra never "
+                f"replaces files it did not write: choose another {key}",
+            )
+    if existing and not manifests:
+        # run.json, samples.parquet or parts without a manifest: not a Spectra run (Spectra writes its manifest
+        # before anything else), or one from a Spectra older than manifests. Either way, nothing here is replaced.
+        raise ConfigError(
+            key,
+            f"{out} holds {existing[0].name} but no Spectra manifest (manifest.jsonl), so it is not a Spectra run "
+            f"(or one written by an older Spectra); Spectra never replaces files it did not write: choose another "
+            f"{key}",
+        )
     if not resume:
         if existing:
             raise ConfigError(
@@ -260,13 +356,7 @@ def inspect_run_directory(
             )
         return state
 
-    manifests = sorted(out.glob(MANIFEST_GLOB))
     parts_on_disk = sorted(out.glob("metrics/part-*.parquet"))
-    if parts_on_disk and not manifests:
-        raise SpectraError(
-            f"{out}/metrics holds parts but {out} has no manifest (written by an older Spectra?), so which parts "
-            "are complete is unknown; start a new run in another directory"
-        )
     listed: set[str] = set()
     for manifest in manifests:
         header, parts = read_manifest(manifest)
@@ -286,8 +376,9 @@ def inspect_run_directory(
 
     state.leftovers += [path for path in parts_on_disk if path.name not in listed]
     state.leftovers += sorted(out.glob("*.inprogress")) + sorted(out.glob("metrics/*.inprogress"))
-    if (out / "run.json").exists():  # stale once anything changes: rewritten at the end
-        state.leftovers.append(out / "run.json")
+    # run.json stays until the resume writes the new one over it (by rename): deleting it first would lose the
+    # finished run's timings to a full disk or a kill in between.
+    if (out / "run.json").is_file():
         try:
             state.previous_record = json.loads((out / "run.json").read_text())
         except (OSError, ValueError):
@@ -296,8 +387,9 @@ def inspect_run_directory(
 
 
 def _check_settings(manifest: Path, header: dict | None, parts: list[PartRecord], fingerprint_: dict, key: str):
-    """Refuses a manifest written with other settings: from its header, or, when the header line is lost, from
-    the settings hash on every part line. Without either, which settings made the parts is unknown: refused."""
+    """Refuses a manifest written with other settings: its header's settings, and then every part line's own
+    settings hash, header or not (a header edited to match, or a part and its line copied from a run with other
+    settings, are refused by the line). A line without a checksum or settings hash cannot be vouched for."""
     if header is not None:
         changed = differences(header["fingerprint"], fingerprint_)
         if changed:
@@ -306,17 +398,23 @@ def _check_settings(manifest: Path, header: dict | None, parts: list[PartRecord]
                 f"the run in {manifest.parent} was made with other settings ({'; '.join(changed)}); "
                 f"resume with the original settings, or start a new run in another {key}",
             )
-        return
-    if not parts:
-        return  # nothing listed, nothing to lose: the manifest is rewritten
     current = settings_hash(fingerprint_)
-    if any(part.settings != current for part in parts):
+    strangers = [part.part for part in parts if part.settings != current or part.sha256 is None]
+    if not strangers:
+        return
+    if header is None:
         raise ConfigError(
             "run.resume",
             f"{manifest} has lost its first line (the settings), and its parts were made with other settings "
             f"than this command's (or by an older Spectra); resume with the original settings, or start a new run "
             f"in another {key}",
         )
+    raise ConfigError(
+        "run.resume",
+        f"{manifest} lists {strangers[0]}{f' and {len(strangers) - 1} more part(s)' if len(strangers) > 1 else ''} "
+        f"with another settings hash than its header's (a part copied from another run, or an edited manifest); "
+        f"nothing was changed: move {manifest.parent} aside and start a new run in another {key}",
+    )
 
 
 def delete_leftovers(state: ResumeState, out: Path, fingerprint_: dict) -> None:
@@ -330,12 +428,30 @@ def delete_leftovers(state: ResumeState, out: Path, fingerprint_: dict) -> None:
         Manifest(out / name, fingerprint_, kept)
 
 
+def writers(kept: dict[str, list[PartRecord]]) -> int:
+    """How many processes wrote the kept parts: manifest.jsonl is one, manifest.rank<r>.jsonl are r+1 or more."""
+    ranks = [int(name.split(".rank")[1].split(".")[0]) for name in kept if ".rank" in name]
+    return max(ranks) + 1 if ranks else 1
+
+
+def misaligned_batches(own: Sequence[Sample], batch_size: int, state: ResumeState) -> str | None:
+    """Why this process's batches cannot resume the kept parts (parts are whole batches of the attempt that wrote
+    them, so another number of ranks splits the samples into other batches), or None. Asked before anything in
+    the run directory changes, so the refusal loses nothing."""
+    for first in range(0, len(own), batch_size):
+        batch = own[first : first + batch_size]
+        done = [s.sample_id in state.completed for s in batch]
+        if any(done) and not all(done):
+            n = writers(state.kept)
+            how = "python -m spectra.run (no torchrun)" if n == 1 else f"torchrun --nproc_per_node={n} -m spectra.run"
+            return (
+                f"samples {[s.sample_id for s in batch]} are only partly in the run's parts: the parts were written "
+                f"by {n} process(es), and this resume splits the samples among another number, into other batches; "
+                f"nothing was changed: resume with {how} <same overrides> run.resume=true"
+            )
+    return None
+
+
 def batch_done(batch: Sequence[Sample], completed: set[int]) -> bool:
-    """True when every sample of the batch is in a kept part. Parts are whole batches, so a batch is all or none."""
-    done = [s.sample_id in completed for s in batch]
-    if any(done) and not all(done):
-        raise SpectraError(
-            f"samples {[s.sample_id for s in batch]} are only partly in the run's parts: the parts do not line up "
-            "with this run's batches; start a new run in another directory"
-        )
-    return all(done)
+    """True when every sample of the batch is in a kept part (misaligned_batches has ruled out a part-done one)."""
+    return all(s.sample_id in completed for s in batch)

@@ -287,6 +287,7 @@ def write_config_record(out: Path, job_config: DictConfig, hydra_config: DictCon
     """
     folder = out / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(job_config, folder / "config.yaml")
-    OmegaConf.save(OmegaConf.create({"hydra": hydra_config}), folder / "hydra.yaml")
-    OmegaConf.save(hydra_config.overrides.task, folder / "overrides.yaml")
+    # Rewritten by every resume: new-then-rename, so a full disk or a kill keeps the earlier record whole.
+    write_text_atomic(OmegaConf.to_yaml(job_config), folder / "config.yaml")
+    write_text_atomic(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_config})), folder / "hydra.yaml")
+    write_text_atomic(OmegaConf.to_yaml(hydra_config.overrides.task), folder / "overrides.yaml")

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spectra.errors import ConfigError, SpectraError
 from spectra.launch.distributed import World
+from spectra.store.manifest import verified_parts
 
 HEATMAP_METRICS = ("entropy", "max_attn", "k_eff")
 ONLINE_START_SECONDS = 20  # how long an online W&B start may take before the run goes on offline
@@ -56,9 +57,10 @@ class Tracker:
 
 
 def metric_parts(run_dir: Path) -> list[Path]:
-    """The run's part files as a list: a folder Hydra names after a list-valued key holds `[` `]`, which a glob
-    pattern would read as a character class."""
-    return sorted((run_dir / "metrics").glob("part-*.parquet"))
+    """The run's part files as a list, each verified against its manifest line (the rule every reader of parts
+    follows); a list, not a glob: a folder Hydra names after a list-valued key holds `[` `]`, which a glob pattern
+    would read as a character class."""
+    return verified_parts(run_dir)
 
 def start_tracker(cfg: DictConfig, run_dir: Path, world: World) -> Tracker:
     """The tracker the config asks for; only rank 0 of a torchrun group tracks."""
@@ -120,14 +122,14 @@ def run_group(cfg: DictConfig) -> str | None:
     return str(job.sweep.dir)[-128:]
 
 
-def summary_frame(run_dir: Path, keys: list[str], names: list[str], quantiles: list[float]) -> pl.DataFrame:
+def summary_frame(parts: list[Path], keys: list[str], names: list[str], quantiles: list[float]) -> pl.DataFrame:
     """One row per `keys` value and metric, from the run's Parquet parts: count, mean, std, min, quantiles, max."""
-    parts = pl.scan_parquet(metric_parts(run_dir), glob=False)
+    rows = pl.scan_parquet(parts, glob=False)
     frames = []
     for name in names:
         value = pl.col(name).cast(pl.Float64)
         frames.append(
-            parts.group_by(keys).agg(
+            rows.group_by(keys).agg(
                 pl.lit(name).alias("metric"),
                 value.count().alias("count"),
                 value.mean().alias("mean"),
@@ -236,8 +238,9 @@ class WandbTracker(Tracker):
         run_dir = self.run_dir
         names = list(self.cfg.metrics.names)
         quantiles = list(self.cfg.logger.quantiles)
-        per_layer = summary_frame(run_dir, ["layer"], names, quantiles)
-        per_head = summary_frame(run_dir, ["layer", "head"], names, quantiles)
+        parts = metric_parts(run_dir)  # verified once, read three times
+        per_layer = summary_frame(parts, ["layer"], names, quantiles)
+        per_head = summary_frame(parts, ["layer", "head"], names, quantiles)
         layers, heads = record["model"]["layers"], record["model"]["heads"]
         images = {
             f"heatmap/mean_{metric}": self.wandb.Image(heatmap(per_head, metric, layers, heads))
@@ -251,7 +254,7 @@ class WandbTracker(Tracker):
                 **images,
             }
         )
-        means = pl.scan_parquet(metric_parts(run_dir), glob=False).select(pl.col(names).mean()).collect()
+        means = pl.scan_parquet(parts, glob=False).select(pl.col(names).mean()).collect()
         self.run.summary.update(
             {
                 **{f"totals/{key}": value for key, value in record["counts"].items()},
