@@ -54,7 +54,7 @@ from spectra.capture.hook import ATTENTION_NAME, AttentionCapture, metrics_to_ho
 from spectra.capture.numerics import NumericsGuard  # noqa: E402
 from spectra.config.paths import config_dir  # noqa: E402
 from spectra.config.schema import checked_config, register_configs  # noqa: E402
-from spectra.config.validate import load_model_config  # noqa: E402
+from spectra.models.checks import load_model_config  # noqa: E402
 from spectra.data.load import load_samples  # noqa: E402
 from spectra.errors import SpectraError  # noqa: E402
 from spectra.models.loading import config_shape, load_model  # noqa: E402

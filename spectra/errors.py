@@ -43,19 +43,27 @@ def ends_in_one_line(after_disk_fault: Callable[[], str], after_interrupt: Calla
     try:
         yield
     except SpectraError as error:
-        print(f"spectra: error: {error}", file=sys.stderr)
+        say(f"spectra: error: {error}")
         sys.exit(2)
     except OSError as error:
         if (fault := disk_fault(error)) is None:
             raise
-        print(f"spectra: error: {fault}; {after_disk_fault()}", file=sys.stderr)
+        say(f"spectra: error: {fault}; {after_disk_fault()}")
         sys.exit(2)
     except KeyboardInterrupt as stop:
         # Under torchrun every rank gets the signal: rank 0 speaks for all, the others end quietly.
         if os.environ.get("RANK", "0") == "0":
             # stop.args, not stop: an exception is always truthy, so `stop or 'SIGINT'` printed "()" for Ctrl-C.
-            print(f"spectra: interrupted ({signal_name(stop)}); {after_interrupt()}", file=sys.stderr)
+            say(f"spectra: interrupted ({signal_name(stop)}); {after_interrupt()}")
         sys.exit(130)
+
+
+def say(line: str) -> None:
+    """The one line on stderr, on a line of its own: a progress bar that a signal caught before its with-block
+    could close it (it draws itself on creation) is cleared first, which tqdm.write does for every open bar."""
+    from tqdm import tqdm  # here: errors.py is imported before anything heavy, and most runs never end in an error
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def signal_name(stop: KeyboardInterrupt) -> str:

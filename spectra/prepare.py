@@ -69,7 +69,8 @@ def cli() -> None:
         sys.exit(2)
     if not any(arg.startswith(("hydra.run.dir=", "++hydra.run.dir=")) for arg in sys.argv[1:]):
         # Preparation writes only data.data_dir: no run folder for Hydra to make (outputs/ may not be writable).
-        sys.argv.append("hydra.run.dir=.")
+        # First, not last: argparse takes no override after options such as `--cfg job`.
+        sys.argv.insert(1, "hydra.run.dir=.")
     with stop_signals_as_interrupt():
         hydra_entrypoint(main, "config", "spectra")
 
