@@ -18,6 +18,8 @@ def job_folder(sweep_dir: str, number: int, override_dirname: str) -> str:
     """The folder name, under sweep_dir, of the job with these overrides (Hydra's override_dirname)."""
     default = f"{number}_{override_dirname}"
     sweep = Path(str(sweep_dir))
+    if len(default.encode()) > 255:
+        return default  # no such folder can exist (ENAMETOOLONG); the run's folder check says so in one line
     if (sweep / default).is_dir() or not sweep.is_dir():
         return default
     for existing in sorted(sweep.iterdir()):
