@@ -185,3 +185,22 @@ def run_spectra_inprocess(*argv: str) -> tuple[int, str, str]:
     """`python -m spectra.run <argv>` in this process: (exit code, stdout, stderr)."""
     result = run_module_inprocess("spectra.run", *argv)
     return result.returncode, result.stdout, result.stderr
+
+
+def attention_inputs(model, input_ids, monkeypatch) -> list[tuple]:
+    """(query, key, scaling) of every layer, as the capture hands them to attention_metrics on one forward pass:
+    the real post-RoPE q and k that kernel tests feed to other paths."""
+    from spectra.capture import hook
+    from spectra.capture.hook import AttentionCapture
+
+    received = []
+
+    def record(query, key, scaling, *args, **kwargs):
+        received.append((query, key, scaling))
+        return hook_attention_metrics(query, key, scaling, *args, **kwargs)
+
+    hook_attention_metrics = hook.attention_metrics
+    monkeypatch.setattr(hook, "attention_metrics", record)
+    with AttentionCapture(model) as capture:
+        capture.run(input_ids)
+    return received

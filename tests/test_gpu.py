@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import attention_inputs, compose_config
 from reference import eager_reference
 from test_capture import assert_matches_reference
 
@@ -166,21 +166,10 @@ def test_compiled_triton_k_eff_on_real_smollm2_rows(smollm2_any, monkeypatch):
     """Every layer of SmolLM2 at 512 tokens: k_eff is the sort definition on the kernel's own probabilities."""
     from test_triton_metrics import assert_k_eff_is_the_sort_definition, kernel_k_eff_and_probs
 
-    from spectra.capture import hook
-    from spectra.capture.metrics import attention_metrics
-
     model, tokenizer = smollm2_any
     text = "Attention sinks, delimiters and the quick brown fox. " * 60
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:512]])
-    received = []
-
-    def record(query, key, scaling, *args, **kwargs):
-        received.append((query, key, scaling))
-        return attention_metrics(query, key, scaling, *args, **kwargs)
-
-    monkeypatch.setattr(hook, "attention_metrics", record)
-    with AttentionCapture(model) as capture:
-        capture.run(input_ids)
+    received = attention_inputs(model, input_ids, monkeypatch)
     for query, key, scaling in received:
         for threshold in (0.5, 0.9, 0.99):
             got, probs = kernel_k_eff_and_probs(query, key, scaling, threshold)

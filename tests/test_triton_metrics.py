@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import torch
 import transformers
-from conftest import compose_config, run_spectra_inprocess
+from conftest import attention_inputs, compose_config, run_spectra_inprocess
 from reference import reference_metrics
 from test_architectures import assert_matches_reference as assert_matches_eager
 from test_architectures import eager_reference, input_ids, tiny_config, tiny_model
@@ -97,19 +97,9 @@ def test_ties_past_the_candidate_set_and_thresholds_near_one():
 def test_real_smollm2_rows(smollm2, monkeypatch):
     """Real queries and keys (after RoPE) of SmolLM2 layers on real text: k_eff is the sort definition on the
     kernel's p, and every metric matches float64 attention of the same q and k."""
-    from spectra.capture import hook
-
     model, tokenizer = smollm2
     ids = torch.tensor([tokenizer("Attention sinks, delimiters and the lazy dog. " * 12)["input_ids"][:48]])
-    received = []
-
-    def record(query, key, scaling, *args, **kwargs):
-        received.append((query, key, scaling))
-        return attention_metrics(query, key, scaling, *args, **kwargs)
-
-    monkeypatch.setattr(hook, "attention_metrics", record)
-    with AttentionCapture(model) as capture:
-        capture.run(ids)
+    received = attention_inputs(model, ids, monkeypatch)
     for layer in (0, 14):  # a layer of broad heads and a layer of peaked ones
         query, key, scaling = received[layer]
         got, probs = kernel_k_eff_and_probs(query, key, scaling, 0.9)
