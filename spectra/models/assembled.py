@@ -11,6 +11,7 @@ loaded 2-core machine), a small share of its load.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib
 import os
@@ -50,37 +51,73 @@ def verified(target: Path, expected_sha256: str) -> bool:
     return True
 
 
+# A cache folder Spectra may not write: the fix is another cache folder, never "free space" or "delete it".
+UNWRITABLE = {errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied", errno.EPERM: "not permitted"}
+CACHE_FIX = "set XDG_CACHE_HOME to a writable folder (the file goes to $XDG_CACHE_HOME/spectra/models/) and run again"
+
+
+def cache_fault(folder: Path, file_name: str, error: OSError) -> SpectraError | None:
+    """The one line for a write into the cache that failed for want of permission or space; None for other errors."""
+    if error.errno in UNWRITABLE:
+        return SpectraError(f"{folder}: cannot write {file_name} there ({UNWRITABLE[error.errno]}); {CACHE_FIX}")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return SpectraError(f"{folder}: the disk is full, assembling {file_name}; free space there, or {CACHE_FIX}")
+    return None
+
+
 def assembled_file(package: str, file_name: str) -> Path:
-    """The file `package` assembles, from the cache (assembled there first if absent); SpectraError if it cannot."""
-    install = f"run scripts/setup.sh, or pip install {package.replace('_', '-')}"
+    """The file `package` assembles, from the cache (assembled there first if absent); SpectraError if it cannot.
+    A valid file is used as it is, with nothing written: a read-only cache that holds it works."""
     try:
         module = importlib.import_module(package)
     except ImportError as error:
-        raise SpectraError(f"package '{package}' is not importable ({error}); {install}") from None
+        raise SpectraError(f"package '{package}' is not importable ({error}); {install_hint(package)}") from None
     if not (hasattr(module, "assemble") and hasattr(module, "EXPECTED_SHA256")):
         raise SpectraError(f"package '{package}' has no assemble() and EXPECTED_SHA256; it cannot assemble {file_name}")
     expected = module.EXPECTED_SHA256
 
     target = cache_dir() / package / file_name
     if target.exists():
-        if not verified(target, expected):
-            raise SpectraError(
-                f"{target} is corrupt (its sha256 is not {expected[:16]}...); delete it and run again to "
-                f"re-assemble it from '{package}'"
-            )
-        return target
+        try:
+            if verified(target, expected):
+                return target
+        except OSError as error:  # unreadable: another user's cache, or a damaged disk
+            raise SpectraError(f"{target}: cannot be read ({error.strerror or error}); {CACHE_FIX}") from None
+        corrupt = f"{target} is corrupt (its sha256 is not {expected[:16]}...)"
+        if not os.access(target.parent, os.W_OK):  # a read-only mount: EROFS even for root
+            raise SpectraError(f"{corrupt} and {target.parent} is not writable, so it cannot be re-assembled there; "
+                               f"{CACHE_FIX}")  # fmt: skip
+        raise SpectraError(f"{corrupt}; delete it and run again to re-assemble it from '{package}'")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A unique temporary name (not ending in the file's suffix), renamed when complete: concurrent runs each
-    # assemble whole files, and a killed one leaves no half-written file under the real name.
-    handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{file_name}.", suffix=".partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A unique temporary name (not ending in the file's suffix), renamed when complete: concurrent runs each
+        # assemble whole files, and a killed one leaves no half-written file under the real name.
+        handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{file_name}.", suffix=".partial")
+    except OSError as error:
+        raise (cache_fault(target.parent, file_name, error) or error) from None
+    # mkstemp makes the file 0600: a cache assembled once and shared read-only with other users must be readable.
+    os.fchmod(handle, 0o644)
     os.close(handle)
     try:
         module.assemble(partial, overwrite=True)  # checks the sha256 itself
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())  # on disk before it has the real name: a power cut leaves no empty file there
         os.replace(partial, target)
-    except (OSError, ValueError) as error:
-        raise SpectraError(f"cannot assemble {file_name} from '{package}': {error}; reinstall it ({install})") from None
+    except OSError as error:
+        raise (cache_fault(target.parent, file_name, error) or _cannot_assemble(file_name, package, error)) from None
+    except ValueError as error:
+        raise _cannot_assemble(file_name, package, error) from None
     finally:
         Path(partial).unlink(missing_ok=True)
     _VERIFIED.add(_identity(target))  # assemble() checked the sha256 of what it wrote
     return target
+
+
+def install_hint(package: str) -> str:
+    return f"run scripts/setup.sh, or pip install {package.replace('_', '-')}"
+
+
+def _cannot_assemble(file_name: str, package: str, error: Exception) -> SpectraError:
+    return SpectraError(f"cannot assemble {file_name} from '{package}': {error}; reinstall it "
+                        f"({install_hint(package)})")  # fmt: skip
