@@ -126,7 +126,7 @@ def test_read_only_cache_uses_a_valid_file_and_writes_nothing(chunked, monkeypat
 
 
 @pytest.mark.parametrize("number, reason", [(errno.EROFS, "read-only filesystem"), (errno.EACCES, "permission denied")])
-def test_missing_or_corrupt_file_on_an_unwritable_cache_is_one_line_naming_the_fix(chunked, monkeypatch, number, reason):
+def test_unwritable_cache_is_one_line_naming_the_fix(chunked, monkeypatch, number, reason):
     folder = assembled.cache_dir() / "chunked_model"
     refuse_writes(monkeypatch, number)
     with pytest.raises(SpectraError) as missing:

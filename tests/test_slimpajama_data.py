@@ -335,13 +335,46 @@ def test_explore_reports_counts(prepared):
     assert "excerpt: " in report and "document length" in report
 
 
-@pytest.mark.slow
-def test_hub_unreachable_says_how_to_use_local_files(tmp_path):
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The hub's endpoint is a local port that takes no connection (bound, never listening), whatever this machine's
+    network, and HF_HUB_OFFLINE is unset: Spectra's own probe must find the hub away."""
+    import socket
+
+    import datasets
+    from huggingface_hub import constants
+
+    from spectra.hub import hub_reachable
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    hub_reachable.cache_clear()
+    yield endpoint
+    hub_reachable.cache_clear()
+    closed.close()
+
+
+def test_unreachable_hub_is_one_line_at_once(tmp_path, unreachable_hub):
+    """Without the fix datasets retried the hub 5 times (~25 s, a dozen warnings) before failing."""
+    import time
+
+    start = time.perf_counter()
     result = run_spectra(tmp_path, "model=tiny_llama", "data=slimpajama", f"data.data_dir={tmp_path / 'hub'}",
-                         module="spectra.prepare", timeout=120)  # fmt: skip
+                         module="spectra.prepare")  # fmt: skip
+    took = time.perf_counter() - start
     assert result.returncode == 2, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("spectra: error: cannot load DKYoon/SlimPajama-6B") and "data.local_path=" in last
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "tokenize:" not in line]  # the bar
+    assert len(lines) == 1 and lines[0].startswith(
+        "spectra: error: data.hub_id: DKYoon/SlimPajama-6B (split test) is not in the local datasets cache ("
+    )
+    assert f"and the Hugging Face hub ({unreachable_hub}) is unreachable: pass SlimPajama's own files" in lines[0]
+    assert "data.local_path=<" in lines[0] and "data.data_dir=<" in lines[0]
+    assert took < 12, f"{took:.1f} s"
     assert not (tmp_path / "hub").exists() and not list(tmp_path.glob(".hub.inprogress-*"))
 
 

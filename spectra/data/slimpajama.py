@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import io
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +23,7 @@ from typing import Iterator
 from omegaconf import DictConfig
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.hub import hub_reachable
 
 SUFFIXES = (".parquet", ".jsonl", ".jsonl.zst")
 
@@ -152,11 +154,27 @@ def read_local(local_path: str) -> Iterator[Document]:
 
 
 def read_hub(hub_id: str, split: str) -> Iterator[Document]:
+    """The hub's rows; from datasets' local cache only when the hub is away (hub_reachable), so that a miss is one
+    line at once instead of ~25 s of retries."""
     try:
         import datasets
+    except ImportError as error:
+        raise SpectraError(f"cannot load {hub_id} from the Hugging Face hub: {error}; pip install datasets") from None
+    reachable = hub_reachable()
+    try:
+        with _cache_only(datasets, not reachable):
+            dataset = datasets.load_dataset(hub_id, split=split)
+    except OSError as error:  # ConnectionError is an OSError
+        if not reachable:
+            from huggingface_hub import constants
 
-        dataset = datasets.load_dataset(hub_id, split=split)
-    except (ConnectionError, OSError, ImportError) as error:
+            raise ConfigError(
+                "data.hub_id",
+                f"{hub_id} (split {split}) is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}) "
+                f"and the Hugging Face hub ({constants.ENDPOINT}) is unreachable: pass SlimPajama's own files with "
+                "data.local_path=<.parquet, .jsonl or .jsonl.zst file, folder or glob>, or data.data_dir=<a folder "
+                "already prepared for this model>, or run where the hub is reachable",
+            ) from None
         raise SpectraError(
             f"cannot load {hub_id} (split {split}) from the Hugging Face hub: {str(error).splitlines()[0]} -- "
             "without hub access, download its Parquet files elsewhere and pass data.local_path=<file, folder or glob>"
@@ -165,6 +183,21 @@ def read_hub(hub_id: str, split: str) -> Iterator[Document]:
         raise ConfigError("data.split", str(error).splitlines()[0]) from None
     for row, example in enumerate(dataset):
         yield Document(f"{split}:{row}", _source(example["meta"]), example["text"])
+
+
+@contextmanager
+def _cache_only(datasets, offline: bool) -> Iterator[None]:
+    """HF_HUB_OFFLINE for this one call. datasets and huggingface_hub read the variable when they are imported,
+    which may have happened already in this process (a test, a sweep), so their module settings are set instead."""
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
 
 
 def corpus_description(data_cfg: DictConfig) -> dict:

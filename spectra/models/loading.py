@@ -11,12 +11,9 @@ Three sources, one per kind of checkpoint Spectra meets:
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import pickle
-import socket
 import struct
-import urllib.parse
 from pathlib import Path
 
 import numba
@@ -31,6 +28,7 @@ from transformers import (
 )
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.hub import hub_reachable
 from spectra.models.assembled import assembled_file
 
 TORCH_DTYPES = {
@@ -78,22 +76,6 @@ def model_location(model_cfg: DictConfig) -> str:
             "model.name_or_path", "is empty; name the model: model.name_or_path=<org/name on the hub, or a local folder>"
         )
     return model_cfg.name_or_path
-
-
-@functools.cache
-def hub_reachable() -> bool:
-    """Whether the Hugging Face hub answers at all, asked once in 3 s: offline, transformers retries a hub id for
-    ~30 s with a dozen warnings before failing; knowing, it reads the local cache only and fails at once."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
 
 
 def hub_options(location: str) -> dict:
