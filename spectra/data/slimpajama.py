@@ -155,7 +155,8 @@ def read_local(local_path: str) -> Iterator[Document]:
 
 def read_hub(hub_id: str, split: str) -> Iterator[Document]:
     """The hub's rows; from datasets' local cache only when the hub is away (hub_reachable), so that a miss is one
-    line at once instead of ~25 s of retries."""
+    line at once instead of ~25 s of retries. Loaded when called (not a generator): a failure comes before the
+    caller's progress bar is drawn."""
     try:
         import datasets
     except ImportError as error:
@@ -181,8 +182,8 @@ def read_hub(hub_id: str, split: str) -> Iterator[Document]:
         ) from None
     except ValueError as error:  # an unknown split
         raise ConfigError("data.split", str(error).splitlines()[0]) from None
-    for row, example in enumerate(dataset):
-        yield Document(f"{split}:{row}", _source(example["meta"]), example["text"])
+    return (Document(f"{split}:{row}", _source(example["meta"]), example["text"])
+            for row, example in enumerate(dataset))  # fmt: skip
 
 
 @contextmanager
