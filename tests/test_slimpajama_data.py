@@ -360,7 +360,7 @@ def unreachable_hub(monkeypatch):
 
 
 def test_unreachable_hub_is_one_line_at_once(tmp_path, unreachable_hub):
-    """Without the fix datasets retried the hub 5 times (~25 s, a dozen warnings) before failing."""
+    """Without the probe datasets retried the hub 5 times (~24 s, a dozen warnings) before failing."""
     import time
 
     start = time.perf_counter()
@@ -375,7 +375,7 @@ def test_unreachable_hub_is_one_line_at_once(tmp_path, unreachable_hub):
     )
     assert f"and the Hugging Face hub ({unreachable_hub}) is unreachable: pass SlimPajama's own files" in lines[0]
     assert "data.local_path=<" in lines[0] and "data.data_dir=<" in lines[0]
-    assert took < 12, f"{took:.1f} s"
+    assert took < 15, f"{took:.1f} s"  # 2-5 s here; datasets' five retries alone sleep 1+2+4+8+8 = 23 s
     assert not (tmp_path / "hub").exists() and not list(tmp_path.glob(".hub.inprogress-*"))
 
 
