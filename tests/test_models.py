@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 import torch
 from conftest import compose_config, run_spectra
+from offline_hub import unreachable_hub
 from transformers import (
     AutoTokenizer,
     BloomConfig,
@@ -56,6 +57,19 @@ def test_llama3_without_hub_or_path_says_how_to_fix():
     cfg = compose_config("model=llama3_8b")
     with pytest.raises(SpectraError, match="model.path=<local dir>"):
         load_model(cfg.model, cfg.hardware)
+
+
+def test_unreachable_hub_without_hf_hub_offline_is_one_line_at_once(monkeypatch):
+    """Spectra's probe finds the hub away and transformers reads its local cache only; without it the hub client
+    retries the connection five times (sleeping 23 s) before the same line."""
+    import time
+
+    cfg = compose_config("model=llama3_8b")
+    with unreachable_hub(monkeypatch):
+        start = time.perf_counter()
+        with pytest.raises(SpectraError, match="model.path=<local dir>"):
+            load_model(cfg.model, cfg.hardware)
+        assert time.perf_counter() - start < 10
 
 
 def test_missing_local_path_names_the_key(tmp_path):

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 from conftest import compose_config, run_spectra
+from offline_hub import unreachable_hub
 from omegaconf import DictConfig, open_dict
 from tokenizers import Tokenizer
 
@@ -336,30 +337,12 @@ def test_explore_reports_counts(prepared):
 
 
 @pytest.fixture
-def unreachable_hub(monkeypatch):
-    """The hub's endpoint is a local port that takes no connection (bound, never listening), whatever this machine's
-    network, and HF_HUB_OFFLINE is unset: Spectra's own probe must find the hub away."""
-    import socket
-
-    import datasets
-    from huggingface_hub import constants
-
-    from spectra.hub import hub_reachable
-
-    closed = socket.socket()
-    closed.bind(("127.0.0.1", 0))
-    endpoint = f"http://127.0.0.1:{closed.getsockname()[1]}"
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    hub_reachable.cache_clear()
-    yield endpoint
-    hub_reachable.cache_clear()
-    closed.close()
+def hub_away(monkeypatch):
+    with unreachable_hub(monkeypatch) as endpoint:
+        yield endpoint
 
 
-def test_unreachable_hub_is_one_line_at_once(tmp_path, unreachable_hub):
+def test_unreachable_hub_is_one_line_at_once(tmp_path, hub_away):
     """Without the probe datasets retried the hub 5 times (~24 s, a dozen warnings) before failing."""
     import time
 
@@ -373,7 +356,7 @@ def test_unreachable_hub_is_one_line_at_once(tmp_path, unreachable_hub):
     assert len(lines) == 1 and lines[0].startswith(
         "spectra: error: data.hub_id: DKYoon/SlimPajama-6B (split test) is not in the local datasets cache ("
     )
-    assert f"and the Hugging Face hub ({unreachable_hub}) is unreachable: pass SlimPajama's own files" in lines[0]
+    assert f"and the Hugging Face hub ({hub_away}) is unreachable: pass SlimPajama's own files" in lines[0]
     assert "data.local_path=<" in lines[0] and "data.data_dir=<" in lines[0]
     assert took < 15, f"{took:.1f} s"  # 2-5 s here; datasets' five retries alone sleep 1+2+4+8+8 = 23 s
     assert not (tmp_path / "hub").exists() and not list(tmp_path.glob(".hub.inprogress-*"))
