@@ -21,7 +21,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from spectra.errors import ConfigError, SpectraError
-from spectra.models.loading import config_shape, hub_options, model_location, resolve_device
+from spectra.models.loading import config_shape, gguf_source, hub_options, model_location, resolve_device
 
 # Shape fields every attention model declares; each must be a whole number >= 1 (config_shape divides by heads).
 SHAPE_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size",
@@ -137,14 +137,14 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
     location = model_location(model_cfg)
     options: dict = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code,
                      **hub_options(location)}  # fmt: skip
+    read_from = location
     if model_cfg.source == "gguf":
-        if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
-            raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
-        options["gguf_file"] = model_cfg.gguf_file
+        read_from, gguf = gguf_source(model_cfg, location)
+        options.update(gguf)
     elif Path(location).is_dir():
         check_checkpoint_files(Path(location), model_cfg)
     try:
-        return AutoConfig.from_pretrained(location, **options), location
+        return AutoConfig.from_pretrained(read_from, **options), location
     except UNREADABLE as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if Path(location).is_dir():  # a local file is damaged or incomplete: the hub has nothing to do with it

@@ -30,6 +30,7 @@ from transformers import (
 from spectra.errors import ConfigError, SpectraError
 from spectra.hub import hub_reachable
 from spectra.models.assembled import assembled_file
+from spectra.models.converted import converted_copy, save_converted
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -78,6 +79,15 @@ def model_location(model_cfg: DictConfig) -> str:
     return model_cfg.name_or_path
 
 
+def gguf_source(model_cfg: DictConfig, location: str) -> tuple[str, dict]:
+    """(folder, from_pretrained options) to read a GGUF model from: its converted copy when one is kept
+    (converted.py), else the GGUF file itself."""
+    if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
+        raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
+    copy = converted_copy(Path(location) / model_cfg.gguf_file)
+    return (str(copy), {}) if copy else (location, {"gguf_file": model_cfg.gguf_file})
+
+
 def hub_options(location: str) -> dict:
     """from_pretrained's options for a location: the local cache only when it names the hub and the hub is away."""
     return {} if Path(location).exists() or hub_reachable() else {"local_files_only": True}
@@ -119,16 +129,14 @@ def load_weights(
         with device:
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
-        location = model_location(model_cfg)
+        location, gguf = model_location(model_cfg), {}
+        if model_cfg.source == "gguf":
+            location, gguf = gguf_source(model_cfg, location)
         options = dict(dtype=dtype, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
-                       **hub_options(location))  # fmt: skip
+                       **hub_options(location), **gguf)  # fmt: skip
         if config is not None:
             options["config"] = config
-        if model_cfg.source == "gguf":
-            if not model_cfg.gguf_file or not (Path(location) / model_cfg.gguf_file).is_file():
-                raise ConfigError("model.gguf_file", f"no GGUF file '{model_cfg.gguf_file}' in {location}")
-            options["gguf_file"] = model_cfg.gguf_file
-        elif any(Path(location).glob("*.safetensors")):
+        if any(Path(location).glob("*.safetensors")):
             options["use_safetensors"] = True  # a pickled .bin next to the safetensors is never unpickled
         try:
             model = AutoModelForCausalLM.from_pretrained(location, **options)
@@ -150,6 +158,8 @@ def load_weights(
                 f"cannot load model '{location}': {first} -- without hub access, "
                 "download the checkpoint elsewhere and pass model.path=<local dir>"
             ) from None
+        if gguf:  # read from the GGUF file itself: keep its conversion, so the next load takes seconds
+            save_converted(Path(location) / gguf["gguf_file"], model)
     return model.to(device).eval()
 
 
@@ -157,9 +167,11 @@ def load_tokenizer(model_cfg: DictConfig, model_location_: str | None):
     location = resolve_location(model_cfg.tokenizer) if model_cfg.tokenizer else model_location_
     if location is None:
         raise ConfigError("model.tokenizer", "is required for model.source=random")
-    options = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code, **hub_options(location)}
+    gguf = {}
     if model_cfg.source == "gguf" and not model_cfg.tokenizer:
-        options["gguf_file"] = model_cfg.gguf_file
+        location, gguf = gguf_source(model_cfg, location)
+    options = {"revision": model_cfg.revision, "trust_remote_code": model_cfg.trust_remote_code,
+               **hub_options(location), **gguf}  # fmt: skip
     try:
         return AutoTokenizer.from_pretrained(location, **options)
     except OSError as error:
