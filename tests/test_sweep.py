@@ -8,6 +8,7 @@ replaces; the shipped sweep config is also composed and checked (the SLURM launc
 from __future__ import annotations
 
 import json
+import re
 from itertools import product
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from wandb_files import inspect_records, inspect_summary, run_file
 
 from spectra.config.paths import config_dir
+from spectra.launch.job_outcomes import error_line
 
 LAYERS, HEADS = 3, 8
 CONTEXT_LENGTHS, SAMPLE_COUNTS = (8, 16), (1, 2)
@@ -66,9 +68,39 @@ def test_multirun_2x2_submitit_local(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_spectra(tmp_path, "-m", "hydra/launcher=submitit_local", *SWEEP, f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
-    assert len(list(sweep_dir.glob(".submitit/*/*_0_result.pkl"))) == 4  # four separate submitit jobs
     check_sweep(sweep_dir)
+    # Four separate submitit jobs, each in a folder named by its id: no unfilled `%j` folder beside them.
+    job_ids = sorted(p.name for p in (sweep_dir / ".submitit").iterdir())
+    assert len(job_ids) == 4 and all(job_id.isdigit() for job_id in job_ids), job_ids
+    assert all((sweep_dir / ".submitit" / job_id / f"{job_id}_0_result.pkl").is_file() for job_id in job_ids)
+
+    # The terminal says where each job logs, then what each job did, one line each, as its run.json has it.
+    logs = re.findall(r"^    log (\S+)$", result.stdout, re.MULTILINE)
+    assert sorted(Path(log).parent.name for log in logs) == job_ids and all(Path(log).is_file() for log in logs)
+    outcomes = re.findall(r"^  job (\d+): ([\d,]+) rows, ([\d.,]+) tokens/s \(wall ([\d.]+) s\) in (.+)$",
+                          result.stdout, re.MULTILINE)  # fmt: skip
+    assert sorted(int(o[0]) for o in outcomes) == [0, 1, 2, 3], result.stdout
+    for number, rows, speed, wall, folder in outcomes:
+        assert Path(folder).parent == sweep_dir and Path(folder).name.startswith(f"{number}_")
+        record = json.loads((Path(folder) / "run.json").read_text())
+        assert int(rows.replace(",", "")) == record["counts"]["rows"]
+        assert float(speed.replace(",", "")) == pytest.approx(record["timing"]["tokens_per_second"], rel=0.01)
+        assert float(wall) == pytest.approx(record["timing"]["wall_seconds"], abs=0.05)
+
+
+def test_a_failed_job_is_told_by_its_own_last_line(tmp_path):
+    """The line the launcher shows for a failed job: spectra's one error line from the job's log, not the progress
+    bar drawn over it with carriage returns; for a bug, the traceback's last line."""
+    log = tmp_path / "1234_0_log.err"
+    bar = "capture:   0%|          | 0.00/64.0 [00:00<?, ?tok/s]\rcapture:  12%|#         | 8.00/64.0 [00:01<00:07]"
+    error = "spectra: error: data.n_samples: 100000 asked for, but the corpus holds 40 windows of 64 tokens"
+    log.write_text(f"{bar}\r{error}\n{bar}\n")
+    assert error_line(log) == error
+    log.write_text(f"{bar}\rTraceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad shape\n\n")
+    assert error_line(log) == "ValueError: bad shape"
+    log.write_text("")
+    assert error_line(log) == f"the job wrote nothing to {log}"
+    assert error_line(tmp_path / "missing.err") == f"no log at {tmp_path / 'missing.err'}"
 
 
 def compose_hydra(*overrides: str):
