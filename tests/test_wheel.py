@@ -2,7 +2,9 @@
 another folder with the configs it carries (conf/ mapped to spectra/conf/); without them, one line.
 
 `pip install --target` of the built wheel stands in for a fresh venv (the dependencies are those of this venv);
-PYTHONPATH puts the installed copy ahead of the checkout's editable install, and the test checks it did.
+PYTHONPATH puts the installed copy ahead of the checkout's editable install, and the test checks it did. The real
+fresh venv, its dependencies from PyPI, is scripts/wheel_check.sh's (minutes; CI runs it after the suite): it runs
+docs/models.md's recipe, which the last test holds it to, line for line.
 
     python -m pytest tests/test_wheel.py
 """
@@ -18,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_module_inprocess
 from conftest import test_env as subprocess_env  # not test_*: pytest would collect it
 
 
@@ -77,13 +79,17 @@ def test_installed_wheel_runs_from_another_folder(installed, tmp_path):
     assert prepare.returncode == 0 and "hub_id: DKYoon/SlimPajama-6B" in prepare.stdout, prepare.stderr
 
 
-def test_missing_config_folder_is_one_line(installed, tmp_path):
-    _, site = installed
+def test_missing_config_folder_is_one_line(tmp_path, monkeypatch):
+    """An installed Spectra whose spectra/conf/ is gone, in this process (two interpreter starts cost ~20 s): the
+    package folder that config_dir() looks in is one without conf/ beside or inside it. That an installed wheel
+    finds its own conf/ from its __file__ is test_installed_wheel_runs_from_another_folder's."""
+    from spectra.config import paths
+
     broken = tmp_path / "site"
-    shutil.copytree(site, broken)
-    shutil.rmtree(broken / "spectra" / "conf")
+    (broken / "spectra").mkdir(parents=True)
+    monkeypatch.setattr(paths, "PACKAGE", broken / "spectra")
     for module, program in (("spectra.run", "spectra"), ("spectra.analyze", "spectra")):
-        result = run_installed(broken, tmp_path, "-m", module, "logger=none")
+        result = run_module_inprocess(module, "logger=none", cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [
             f"{program}: error: Spectra's config folder is missing: neither {broken / 'spectra' / 'conf'} "
