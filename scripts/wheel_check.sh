@@ -36,7 +36,7 @@ case $installed in "$ENV"/*) ;; *) fail "spectra imported from $installed, not f
 
 cd "$WORK"
 mkdir first-run && cd first-run
-step "the default capture from an empty folder: python -m spectra.run data.n_samples=1 data.context_length=64 logger=none"
+step "the default capture (1 sample of 64 tokens, no W&B) from an empty folder"
 "$ENV/bin/python" -m spectra.run data.n_samples=1 data.context_length=64 logger=none
 step "its analysis"
 "$ENV/bin/python" -m spectra.analyze run_dir="$(ls -d outputs/*/*_smollm2_135m)"

@@ -124,7 +124,8 @@ def test_the_docs_wheel_recipe_is_what_wheel_check_runs():
     (settings,) = [line for line in script if line.startswith("SPECTRA=")]
     assert [word.split("=")[0] for word in settings.split()] == [word.split("=")[0] for word in recipe[0].split()]
     commands = recipe[1:]
-    assert len(commands) == 8 and commands[-2].endswith("spectra.run data.n_samples=1 data.context_length=64 logger=none")
+    run = "spectra.run data.n_samples=1 data.context_length=64 logger=none"
+    assert len(commands) == 8 and commands[-2].endswith(run), commands
     missing = [command for command in commands if command not in script]
     assert missing == [], "scripts/wheel_check.sh does not run these lines of docs/models.md's recipe"
     positions = [script.index(command) for command in commands]
