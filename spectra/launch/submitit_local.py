@@ -79,8 +79,8 @@ class LocalLauncher(submitit_launcher.LocalLauncher):
                 print(f"  {done_line(number, outcome)}", flush=True)
                 continue
             failed.append(number)
-            print(f"  job {number}: FAILED: {error or error_line(job.paths.stderr)}\n    log {job.paths.stderr}",
-                  flush=True)  # fmt: skip
+            log = job.paths.stderr if job.paths.stderr.exists() else job.paths.stdout  # stderr_to_stdout=true
+            print(f"  job {number}: FAILED: {error or error_line(log)}\n    log {log}", flush=True)
         if failed:
             raise SpectraError(
                 f"{len(failed)} of {len(jobs)} local job(s) failed (job {', '.join(map(str, failed))}); the lines "
