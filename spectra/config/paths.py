@@ -31,7 +31,7 @@ def config_dir() -> str:
     )
 
 
-def hydra_entrypoint(task: Callable[[DictConfig], None], config_name: str, program: str) -> None:
+def hydra_entrypoint(task: Callable[[DictConfig], object], config_name: str, program: str) -> None:
     """Runs `task` under hydra.main with the config folder found now, not at import: a missing folder ends in
     one line `<program>: error: ...` instead of Hydra's traceback or a baffling "no option '?'"."""
     try:

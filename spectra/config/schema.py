@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf
 from omegaconf import DictConfig, OmegaConf
 
 from spectra.capture.metrics import DEFAULT_METRIC_FIELDS, METRICS_KERNELS, triton_importable
@@ -138,6 +140,17 @@ def register_configs() -> None:
     cs.store(group="metrics", name="base_metrics", node=MetricsConfig)
     cs.store(group="hardware", name="base_hardware", node=HardwareConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
+    # hydra/launcher=submitit_local runs Spectra's subclass of the plugin's launcher (spectra/launch/submitit_local.py:
+    # each job's outcome in the terminal), with the plugin's fields. A YAML file of that name in conf/ would not
+    # shadow the plugin's entry, and Hydra's plugin scan runs every plugin module again (re-storing the entry),
+    # even one imported before: so the scan goes first, then the entry is replaced.
+    Plugins.instance()
+    cs.store(
+        group="hydra/launcher",
+        name="submitit_local",
+        node=LocalQueueConf(_target_="hydra_plugins.spectra_launchers.SpectraLocalLauncher"),
+        provider="spectra",
+    )
     # conf/config.yaml's hydra.run.dir: Hydra's `now`, but one folder for all torchrun ranks.
     OmegaConf.register_new_resolver("spectra.launch_time", format_launch_time, replace=True)
     # conf/config.yaml's hydra.sweep.subdir: a resumed sweep finds each job's folder by its overrides, not its number.

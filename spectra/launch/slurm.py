@@ -4,8 +4,9 @@ time limit lands its parts, requeues itself and resumes where it stopped.
 Hydra's submitit launcher (hydra-submitit-launcher) with three changes:
   launch    on the submitting machine: fills the null resources from the jobs' configs (cluster.size_request),
             checks them against `sinfo` before sbatch sees them, skips jobs already complete when run.resume=true,
-            says where each job's log is, waits with `squeue` (no accounting database needed) and shows the last
-            lines of a failed job's log; every problem ends in one `spectra: error: <key>: ...` line, exit 2.
+            says where each job's log is, waits with `squeue` (no accounting database needed), then gives each
+            job's outcome in one line (job_outcomes.py) and the last lines of a failed job's log; every problem
+            ends in one `spectra: error: <key>: ...` line, exit 2.
   __call__  inside the job: SLURM's warning signal (sbatch --signal=USR2@signal_delay_s, sent that long before
             the time limit) or SIGTERM (preemption, scancel) stops the capture as Ctrl-C does, so queued parts
             land; after the warning, the job requeues itself (`scontrol requeue`) at most max_num_timeout times.
@@ -47,16 +48,11 @@ from spectra.launch.cluster import (
     size_request,
     submission_error,
 )
+from spectra.launch.job_outcomes import done_line, fail, job_outcome
 
 # The signal sbatch --signal sends before the time limit (submitit's choice; SUBMITIT_PREEMPT_SIGNAL changes it).
 WARNING_SIGNAL = signal.Signals["SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
 POLL_SECONDS = (1, 2, 3, 5)  # squeue at these intervals, then every 5 s
-
-
-def fail(error: SpectraError) -> None:
-    """Hydra prints a launcher's exceptions with a traceback; a person gets one line and exit status 2."""
-    print(f"spectra: error: {error}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 class SlurmLauncher(submitit_launcher.SlurmLauncher):
@@ -114,6 +110,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             outcome, error = job_outcome(job)
             if outcome is not None:
                 returns[index] = outcome
+                print(f"spectra: {done_line(first + index, outcome)}", flush=True)
                 continue
             failed.append(first + index)
             log = job.paths.stderr if job.paths.stderr.exists() else job.paths.stdout
@@ -200,21 +197,6 @@ def wait_for(jobs: list) -> list[str]:
             return [states.get(job.job_id, "GONE") for job in jobs]  # type: ignore[union-attr]
         time.sleep(POLL_SECONDS[min(poll, len(POLL_SECONDS) - 1)])
     raise AssertionError("unreachable")  # itertools.count() does not end
-
-
-def job_outcome(job) -> tuple[JobReturn | None, str | None]:
-    """(the JobReturn of a job that completed, None) or (None, why it failed when the log may not say)."""
-    from submitit.core.utils import FailedJobError, UncompletedJobError
-
-    if not job.paths.result_pickle.exists():
-        return None, None  # killed, or ended by `spectra: error:` (the log's last lines say which)
-    try:
-        outcome = job.results()[0]
-    except (FailedJobError, UncompletedJobError) as error:  # an exception outside the task function
-        return None, str(error).strip().splitlines()[-1]
-    if outcome.status != JobStatus.COMPLETED:  # the task function raised: a bug, which Hydra kept, not logged
-        return None, f"{type(outcome._return_value).__name__}: {outcome._return_value}"
-    return outcome, None
 
 
 class StopSignals:
