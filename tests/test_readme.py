@@ -34,8 +34,9 @@ def test_readme_blocks_run_as_written(tmp_path):
     outputs = []
     for kind, code in runnable:
         command = ["bash", "-euo", "pipefail", "-c", code] if kind == "bash" else [".venv/bin/python", "-c", code]
-        result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True,
-                                timeout=600)  # fmt: skip
+        # W&B disabled: its service costs each run seconds; test_tracking.py proves what the runs log there.
+        result = subprocess.run(command, cwd=tmp_path, env=subprocess_env(tmp_path) | {"WANDB_MODE": "disabled"},
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
         assert result.returncode == 0, f"README {kind} block failed:\n{code}\n{result.stderr[-3000:]}"
         outputs.append(result.stdout)
     assert (tmp_path / "outputs" / "demo" / "analysis" / "report.md").is_file()
