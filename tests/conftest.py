@@ -41,6 +41,7 @@ def pytest_cmdline_main(config):
         config.option.numprocesses = "auto"
         if config.option.dist == "no":
             config.option.dist = "loadfile"  # a file's tests share one worker: its module fixtures run once
+            config.option.loadscopereorder = False  # in LONGEST_FIRST order, not by number of tests
 
 
 # `-m quick`: a test of every stage (capture, store, config, models, data, analysis, tracking, launch) without the
@@ -57,7 +58,17 @@ QUICK = (
 )  # fmt: skip
 
 
+# The files whose tests take longest, first: pytest-xdist hands out whole files in collection order, and a long file
+# started last keeps one core busy after the other has finished.
+LONGEST_FIRST = (
+    "test_readme.py", "test_resume.py", "test_reliability.py", "test_analyze.py", "test_sweep.py", "test_wheel.py",
+    "test_distributed.py", "test_integrity.py", "test_slimpajama_data.py", "test_gemma3.py", "test_converted.py",
+)  # fmt: skip
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     for item in items:
         if f"{item.path.name}::{item.name}".startswith(QUICK) and not item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.quick)
@@ -77,14 +88,16 @@ def pytest_configure(config):
     k_eff_fast(torch.full((2, 4), 0.25), 0.9)
 
 
-def test_env(tmp_path: Path) -> dict[str, str]:
-    """Environment for subprocesses: offline, W&B folders inside tmp_path, quiet tokenizers."""
+def test_env(tmp_path: Path, wandb: bool = False) -> dict[str, str]:
+    """Environment for subprocesses: offline, quiet tokenizers, W&B disabled unless `wandb` (then offline, its
+    folders inside tmp_path). Disabled, a run starts no W&B service (seconds each) and can run in this process:
+    the tests that inspect what W&B records ask for it."""
     env = dict(os.environ)
     env.update(
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
-        WANDB_MODE="offline",
+        WANDB_MODE="offline" if wandb else "disabled",
         WANDB_SILENT="true",
         WANDB_DIR=str(tmp_path / "wandb"),
         WANDB_CACHE_DIR=str(tmp_path / "wandb-cache"),
@@ -103,16 +116,61 @@ def touches_wandb(module: str, argv) -> bool:
     return module in ("spectra.run", "spectra.analyze") and (chosen or [default])[-1] != "none"
 
 
-def run_spectra(tmp_path: Path, *overrides: str, module: str = "spectra.run", timeout: int = 600):
-    """`python -m spectra.run <overrides>` writing into tmp_path/run; returns the CompletedProcess. In this
-    process unless it is a sweep or may start W&B."""
+def wandb_env(tmp_path: Path) -> dict[str, str]:
+    """test_env with W&B offline: for the tests that inspect what W&B records."""
+    return test_env(tmp_path, wandb=True)
+
+
+_PRESTARTED: list = []  # this worker's tests/prestarted.py server, started on first use
+
+
+def spectra_process(module: str, argv, env: dict[str, str], cwd: Path = REPO, stdin: str | None = None,
+                    discard_stdout: bool = False, fresh: bool = False):  # fmt: skip
+    """`python -m <module> <argv>` as a real process (the part of subprocess.Popen the tests use, text pipes):
+    forked from an interpreter that has imported Spectra already (tests/prestarted.py: ~10 s of CPU less each),
+    or a fresh interpreter where a fork cannot stand in for one (`fresh`, an import-time variable in env, or
+    SPECTRA_TEST_FRESH_PROCESSES=1 for the whole suite)."""
+    from prestarted import Server
+
+    if not fresh and not os.environ.get("SPECTRA_TEST_FRESH_PROCESSES"):
+        if not _PRESTARTED:
+            import atexit
+            import tempfile
+
+            _PRESTARTED.append(Server(test_env(Path(tempfile.gettempdir()))))
+            atexit.register(_PRESTARTED[0].close)
+        if _PRESTARTED[0].forkable(env):
+            return _PRESTARTED[0].start(module, argv, cwd, env, stdin, discard_stdout)
+    return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd, env=env, text=True,
+                            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL if discard_stdout else subprocess.PIPE)  # fmt: skip
+
+
+def spectra_subprocess(module: str, argv, env: dict[str, str], cwd: Path = REPO, timeout: int = 600,
+                       stdin: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """spectra_process run to its end, as subprocess.run(..., capture_output=True, text=True) returns it."""
+    process = spectra_process(module, argv, env, cwd, stdin)
+    try:
+        if isinstance(process, subprocess.Popen):
+            stdout, stderr = process.communicate(stdin, timeout=timeout)
+        else:
+            stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return subprocess.CompletedProcess([sys.executable, "-m", module, *argv], process.returncode, stdout, stderr)
+
+
+def run_spectra(tmp_path: Path, *overrides: str, module: str = "spectra.run", timeout: int = 600, wandb: bool = False):
+    """`python -m spectra.run <overrides>` writing into tmp_path/run; returns the CompletedProcess. W&B disabled
+    unless `wandb`. In this process unless it is a sweep or starts W&B."""
     args = list(overrides)
     if not any(o.startswith("hydra.run.dir=") or o in ("-m", "--multirun") for o in overrides):
         args.append(f"hydra.run.dir={tmp_path / 'run'}")
-    if not touches_wandb(module, args) and not {"-m", "--multirun"} & set(args):
-        return run_module_inprocess(module, *args, env=test_env(tmp_path))
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=test_env(tmp_path),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    env = test_env(tmp_path, wandb)
+    if not (wandb and touches_wandb(module, args)) and not {"-m", "--multirun"} & set(args):
+        return run_module_inprocess(module, *args, env=env)
+    return spectra_subprocess(module, args, env, timeout=timeout)
 
 
 def compose_config(*overrides: str) -> DictConfig:

@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, run_module_inprocess, run_spectra, touches_wandb
+from conftest import REPO, run_module_inprocess, run_spectra, spectra_subprocess, touches_wandb
 from conftest import (
     test_env as subprocess_env,  # as: pytest would collect a test_* name
 )
@@ -53,8 +53,7 @@ def with_numpy_ratios(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def analyze_cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m spectra.analyze <overrides>`, in this process unless it logs to W&B."""
     if touches_wandb("spectra.analyze", overrides):
-        return subprocess.run([sys.executable, "-m", "spectra.analyze", *overrides], cwd=REPO,
-                              env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300)  # fmt: skip
+        return spectra_subprocess("spectra.analyze", overrides, subprocess_env(tmp_path, wandb=True), timeout=300)
     return run_module_inprocess("spectra.analyze", *overrides, env=subprocess_env(tmp_path))
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import REPO, compose_config, run_spectra
 from conftest import (
-    test_env as offline_env,  # aliased: pytest would collect a test_* name as a test
+    wandb_env as offline_env,
 )
 from polars.testing import assert_frame_equal
 from wandb_files import inspect_summary, run_file
@@ -93,7 +93,7 @@ def test_submitit_job_with_two_tasks_equals_one_process(tmp_path, single_process
     sweep_dir = tmp_path / "sweep"
     result = run_spectra(
         tmp_path, "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *OVERRIDES,
-        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweep.dir={sweep_dir}", wandb=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]

@@ -246,8 +246,7 @@ def test_sighup_stops_a_run_whose_line_gives_the_exact_command_that_finishes_it(
     run_dir = tmp_path / "my run"  # a space: the command must be quoted
     env = {**conftest.test_env(tmp_path), "SPECTRA_CRASH_AT": "attention-layer:8", "SPECTRA_CRASH_SIGNAL": "SIGHUP"}
     argv = [*ARGS, f"hydra.run.dir={run_dir}"]
-    process = subprocess.run([sys.executable, "-m", "spectra.run", *argv], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+    process = conftest.spectra_subprocess("spectra.run", argv, env, timeout=300)
     line = error_line(process.stderr)
     assert process.returncode == 130, process.stderr[-3000:]
     prefix = "spectra: interrupted (SIGHUP); 2 finished part(s) are kept; finish the run with: "
@@ -268,9 +267,8 @@ def test_kills_at_random_moments_lose_nothing(tmp_path, finished):
     moments = random.Random(seed).sample(range(0, 4000, 50), 2)  # milliseconds after the first output
     run_dir = tmp_path / "run"
     for milliseconds in moments:
-        process = subprocess.Popen([sys.executable, "-m", "spectra.run", *ARGS, f"hydra.run.dir={run_dir}",
-                                    "run.resume=true"], cwd=REPO, env=conftest.test_env(tmp_path),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        process = conftest.spectra_process("spectra.run", [*ARGS, f"hydra.run.dir={run_dir}", "run.resume=true"],
+                                           conftest.test_env(tmp_path), discard_stdout=True)  # fmt: skip
         assert process.stderr.read(len("capture:")) is not None  # the first output: the model is loaded
         time.sleep(milliseconds / 1000)
         process.kill()

@@ -33,8 +33,7 @@ def spectra(tmp_path: Path, *argv: str, module: str = "spectra.run", env: dict |
     environment = {**conftest.test_env(tmp_path), **(env or {})}
     if not process and env is None and "-m" not in argv and not conftest.touches_wandb(module, argv):
         return conftest.run_module_inprocess(module, *argv, env=environment)
-    command = [sys.executable, "-m", module, *argv]
-    return subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+    return conftest.spectra_subprocess(module, argv, environment, timeout=300)
 
 
 def one_line_error(process, pattern: str, code: int = 2, prefix: str = "spectra: error: ") -> str:
@@ -71,10 +70,8 @@ def test_one_writer_per_run_directory(tmp_path):
     # Stopped (SIGSTOP) in its third batch: alive, holding the lock, two parts written or on their way.
     holder_env = {**conftest.test_env(tmp_path), "SPECTRA_CRASH_AT": "attention-layer:7",
                   "SPECTRA_CRASH_SIGNAL": "SIGSTOP"}  # fmt: skip
-    holder = subprocess.Popen(
-        [sys.executable, "-m", "spectra.run", *ARGS, f"hydra.run.dir={run_dir}"], cwd=REPO, env=holder_env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    holder = conftest.spectra_process("spectra.run", [*ARGS, f"hydra.run.dir={run_dir}"], holder_env,
+                                      discard_stdout=True)  # fmt: skip
     try:
         stopped(holder.pid)
         assert dump(run_dir)["data"]["seed"] == 0
@@ -417,12 +414,12 @@ def test_sigterm_during_preparation_leaves_nothing_behind(tmp_path):
     corpus.write_text("".join(corpus_line(n) for n in range(30000)))  # tokenizing takes several seconds
     command = [sys.executable, "-m", "spectra.prepare", "model=tiny_llama", "data=slimpajama", f"data.local_path={corpus}",
                f"data.data_dir={tmp_path / 'shards'}", f"hydra.run.dir={tmp_path / 'prep'}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, env=conftest.test_env(tmp_path), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    process = conftest.spectra_process("spectra.prepare", command[3:], conftest.test_env(tmp_path))
     seen = ""
     while "tokenize:" not in seen:  # the progress bar: the temporary shard folder exists and is being filled
         seen += process.stderr.read(1)
         assert seen or process.poll() is None, process.stdout.read()
+    time.sleep(0.5)  # inside the bar's with-block: a signal while tqdm() draws it leaves the bar's line open
     process.send_signal(signal.SIGTERM)
     stderr = seen + process.stderr.read()
     process.wait(timeout=120)

@@ -31,8 +31,7 @@ ROWS = SAMPLES * LAYERS * HEADS * TOKENS
 def killed_run(tmp_path: Path, run_dir: Path, crash_at: str, *extra: str) -> None:
     """`python -m spectra.run` that must die by SIGKILL at crash_at; fails if it gets past it."""
     env = {**conftest.test_env(tmp_path), "SPECTRA_CRASH_AT": crash_at}
-    args = [sys.executable, "-m", "spectra.run", *ARGS, f"hydra.run.dir={run_dir}", *extra]
-    process = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    process = conftest.spectra_subprocess("spectra.run", [*ARGS, f"hydra.run.dir={run_dir}", *extra], env, timeout=300)
     assert process.returncode == -signal.SIGKILL, (crash_at, process.returncode, process.stderr[-2000:])
 
 
@@ -116,8 +115,7 @@ def test_sigterm_stops_cleanly_and_the_run_resumes(tmp_path, uninterrupted):
     """scancel or a time limit sends SIGTERM: one line, exit 130, finished batches kept, a resume completes."""
     run_dir = tmp_path / "run"
     env = {**conftest.test_env(tmp_path), "SPECTRA_CRASH_AT": "attention-layer:8", "SPECTRA_CRASH_SIGNAL": "SIGTERM"}
-    args = [sys.executable, "-m", "spectra.run", *ARGS, f"hydra.run.dir={run_dir}"]
-    process = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    process = conftest.spectra_subprocess("spectra.run", [*ARGS, f"hydra.run.dir={run_dir}"], env, timeout=300)
     assert process.returncode == 130, process.stderr[-2000:]
     assert "Traceback" not in process.stderr
     last = process.stderr.strip().splitlines()[-1]

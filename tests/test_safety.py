@@ -25,7 +25,7 @@ SECRETS = {
 
 def test_environment_credentials_never_reach_the_run_directory(tmp_path, monkeypatch):
     """W&B offline included: its run files land in the run directory and are searched too."""
-    for name, value in {**conftest.test_env(tmp_path), **SECRETS}.items():
+    for name, value in {**conftest.wandb_env(tmp_path), **SECRETS}.items():
         monkeypatch.setenv(name, value)
     run_dir = tmp_path / "run"
     code, stdout, stderr = run_spectra_inprocess(

@@ -60,7 +60,7 @@ def check_sweep(sweep_dir: Path, points: set = set(product(CONTEXT_LENGTHS, SAMP
 
 
 def test_multirun_2x2(tmp_path):
-    result = run_spectra(tmp_path, "-m", *SWEEP, f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = run_spectra(tmp_path, "-m", *SWEEP, f"hydra.sweep.dir={tmp_path / 'sweep'}", wandb=True)
     assert result.returncode == 0, result.stderr[-3000:]
     check_sweep(tmp_path / "sweep")
 
@@ -70,7 +70,8 @@ def test_multirun_submitit_local(tmp_path):
     """Two points of the same sweep (the basic launcher's test covers the 2 x 2 expansion), each a process."""
     sweep_dir = tmp_path / "sweep"
     sweep = [*SWEEP[:-1], "data.n_samples=1"]
-    result = run_spectra(tmp_path, "-m", "hydra/launcher=submitit_local", *sweep, f"hydra.sweep.dir={sweep_dir}")
+    result = run_spectra(tmp_path, "-m", "hydra/launcher=submitit_local", *sweep, f"hydra.sweep.dir={sweep_dir}",
+                         wandb=True)
     assert result.returncode == 0, result.stderr[-3000:]
     check_sweep(sweep_dir, {(context_length, 1) for context_length in CONTEXT_LENGTHS})
     # Two separate submitit jobs, each in a folder named by its id: no unfilled `%j` folder beside them.

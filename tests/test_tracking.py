@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 from conftest import REPO, compose_config, run_module_inprocess
 from conftest import (
-    test_env as offline_env,  # aliased: pytest would collect a test_* name as a test
+    wandb_env as offline_env,
 )
 from wandb_files import inspect_records, inspect_summary, run_file
 

@@ -1,0 +1,212 @@
+"""`python -m spectra.<entrypoint>` as a real process, without paying a fresh interpreter's imports each time.
+
+A fresh interpreter spends ~10 s of CPU on this project's 2-core machine importing torch, transformers and Hydra
+before Spectra runs a line; the suite starts dozens of processes (signals, kills, locks, W&B, sweeps). Here a
+server process imports Spectra's entrypoints once (and runs nothing), and each process a test asks for is forked
+from it: a process of its own (its pid, signals, exit status, file descriptors, environment and working folder)
+that runs the module as `python -m` does (runpy, `sys.argv[0]` the module's file), then ends as an interpreter
+does (non-daemon threads joined, atexit handlers run). The server reaps it and writes its wait status to a file,
+which `Process.poll` reads, so a child killed by a signal reports -signum as subprocess.Popen does.
+
+What a fork cannot give falls back to a fresh interpreter: an environment that differs from the server's in a
+variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM), or a test about the
+interpreter's own start (signals during imports): those start `sys.executable -m` as before.
+
+    python tests/prestarted.py            # the server: requests as JSON lines on stdin, pids on stdout
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CALL_TIME_VARIABLES = ("SPECTRA_", "WANDB_", "TOKENIZERS_PARALLELISM", "PYTEST_")
+MODULES = ("spectra.run", "spectra.analyze", "spectra.prepare", "spectra.sql")
+
+
+# ---- the server (its own interpreter) ------------------------------------------------------------------------
+
+
+def serve() -> None:
+    import importlib
+
+    for module in MODULES:
+        importlib.import_module(module)
+    statuses: dict[int, str] = {}
+
+    def reap(_signum, _frame) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            path = statuses.pop(pid)
+            Path(path + ".tmp").write_text(str(os.waitstatus_to_exitcode(status)))
+            os.replace(path + ".tmp", path)
+
+    signal.signal(signal.SIGCHLD, reap)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # the child's status path is known before reap
+        pid = os.fork()
+        if pid == 0:
+            child(request)
+        statuses[pid] = request["status"]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+        print(pid, flush=True)
+
+
+def child(request: dict) -> None:
+    """Runs in the forked process; never returns."""
+    import runpy
+    import traceback
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+    code = 1
+    try:
+        os.dup2(os.open(request["stdin"], os.O_RDONLY), 0)
+        os.dup2(os.open(request["stdout"], os.O_WRONLY), 1)
+        os.dup2(os.open(request["stderr"], os.O_WRONLY), 2)
+        sys.stdin = open(0, closefd=False)
+        sys.stdout = open(1, "w", closefd=False)
+        sys.stderr = open(2, "w", closefd=False)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = [request["module"], *request["argv"]]
+        sys.orig_argv = [sys.executable, "-m", request["module"], *request["argv"]]  # what was typed, as Spectra reads it
+        import spectra  # what spectra/__init__.py does when sys.orig_argv names one of its entrypoints
+        from spectra import crashpoints
+
+        sys.excepthook = spectra._interrupted_while_starting
+        crashpoints._TARGET = crashpoints._target()  # the test hook reads SPECTRA_CRASH_AT at import: again here
+        sys.modules.pop(request["module"], None)  # run as __main__ only, as `python -m` does (runpy would warn)
+        try:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as exit_:
+            if exit_.code is None or isinstance(exit_.code, int):
+                code = exit_.code or 0
+            else:
+                print(exit_.code, file=sys.stderr)
+        except KeyboardInterrupt:
+            traceback.print_exc()
+            code = 128 + signal.SIGINT
+        except BaseException:
+            traceback.print_exc()
+        threading._shutdown()  # as the interpreter ends: join non-daemon threads, then atexit
+        import atexit
+
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+# ---- the client (in the test process) ------------------------------------------------------------------------
+
+
+class Process:
+    """The part of subprocess.Popen the tests use, for a process forked by the server (text mode, pipes)."""
+
+    def __init__(self, pid: int, folder: Path, discard_stdout: bool = False):
+        self.pid, self.args, self.returncode, self._folder = pid, None, None, folder
+        # Each open blocks until the child opens its end, which it does first.
+        self.stdout = None if discard_stdout else open(folder / "stdout")
+        self.stderr = open(folder / "stderr")
+
+    def poll(self) -> int | None:
+        status = self._folder / "status"
+        if self.returncode is None and status.exists():
+            self.returncode = int(status.read_text())
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.02)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        out: list[str] = []
+        if self.stdout is not None:
+            reader = threading.Thread(target=lambda: out.append(self.stdout.read()), daemon=True)
+            reader.start()
+        err = self.stderr.read()
+        if self.stdout is not None:
+            reader.join(timeout)
+        self.wait(timeout)
+        for stream in (self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()
+        return (out[0] if out else None if self.stdout is None else ""), err
+
+
+class Server:
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=env, text=True, cwd=Path(__file__).parent.parent)  # fmt: skip
+        self.lock = threading.Lock()
+        self.folder = tempfile.mkdtemp(prefix="spectra-prestarted-")  # each child's pipes and status file
+        assert self.process.stdout.readline().strip() == "ready", "the prestarted server did not start"
+
+    def forkable(self, env: dict[str, str]) -> bool:
+        changed = {name for name in env.keys() | self.env.keys() if env.get(name) != self.env.get(name)}
+        return self.process.poll() is None and all(name.startswith(CALL_TIME_VARIABLES) for name in changed)
+
+    def start(self, module: str, argv, cwd, env: dict[str, str], stdin: str | None = None,
+              discard_stdout: bool = False) -> Process:
+        folder = Path(tempfile.mkdtemp(prefix="spectra-prestarted-", dir=self.folder))
+        os.mkfifo(folder / "stdout")
+        os.mkfifo(folder / "stderr")
+        (folder / "stdin").write_text(stdin or "")
+        request = {"module": module, "argv": list(argv), "cwd": str(cwd), "env": env, "status": str(folder / "status"),
+                   **{name: str(folder / name) for name in ("stdin", "stdout", "stderr")}}  # fmt: skip
+        if discard_stdout:
+            request["stdout"] = os.devnull
+        with self.lock:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = int(self.process.stdout.readline())
+        process = Process(pid, folder, discard_stdout)
+        process.args = [sys.executable, "-m", module, *argv]
+        return process
+
+    def close(self) -> None:
+        import shutil
+
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    serve()
