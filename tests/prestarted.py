@@ -166,7 +166,9 @@ class Process:
         for stream in (self.stdout, self.stderr):
             if stream is not None:
                 stream.close()
-        return (out[0] if out else None if self.stdout is None else ""), err
+        if self.stdout is None:
+            return None, err  # as Popen with stdout=DEVNULL
+        return (out[0] if out else ""), err
 
 
 class Server:

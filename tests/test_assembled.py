@@ -58,7 +58,7 @@ def test_assembled_once_then_reused_and_hashed_once_per_process(chunked, tmp_pat
     hashed = []
     monkeypatch.setattr(assembled, "sha256_file", lambda p: hashed.append(p) or hashlib.sha256(p.read_bytes()).hexdigest())
     assert assembled_file("chunked_model", "model.gguf") == path and hashed == []  # this process assembled it
-    monkeypatch.setattr(assembled, "_VERIFIED", set())  # the next run: a new process
+    monkeypatch.setattr(assembled, "_DIGESTS", {})  # the next run: a new process
     assert assembled_file("chunked_model", "model.gguf") == path and assembled_file("chunked_model", "model.gguf")
     assert hashed == [path] and len(chunked.calls) == 1  # hashed once in that process, not assembled again
 
@@ -72,7 +72,7 @@ def test_bit_rot_with_unchanged_size_and_mtime_is_refused(chunked, monkeypatch):
     path.write_bytes(bytes(corrupt))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
-    monkeypatch.setattr(assembled, "_VERIFIED", set())  # the next run
+    monkeypatch.setattr(assembled, "_DIGESTS", {})  # the next run
     with pytest.raises(SpectraError, match=r"model.gguf is corrupt .* delete it and run again"):
         assembled_file("chunked_model", "model.gguf")
     path.unlink()
@@ -119,7 +119,7 @@ def test_read_only_cache_uses_a_valid_file_and_writes_nothing(chunked, monkeypat
     path = assembled_file("chunked_model", "model.gguf")
     before = sorted((p.name, p.stat().st_mtime_ns) for p in path.parent.iterdir())
     refuse_writes(monkeypatch, errno.EROFS)
-    monkeypatch.setattr(assembled, "_VERIFIED", set())  # the next run: hashed again, from the read-only cache
+    monkeypatch.setattr(assembled, "_DIGESTS", {})  # the next run: hashed again, from the read-only cache
     assert assembled_file("chunked_model", "model.gguf") == path
     assert sorted((p.name, p.stat().st_mtime_ns) for p in path.parent.iterdir()) == before
     assert len(chunked.calls) == 1

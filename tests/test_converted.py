@@ -101,7 +101,7 @@ def test_a_damaged_copy_is_set_aside(loaded, monkeypatch, caplog, tmp_path):
     stat = weights.stat()
     weights.write_bytes(bytes(data))
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    monkeypatch.setattr("spectra.models.assembled._VERIFIED", set())  # a new process: nothing hashed yet
+    monkeypatch.setattr("spectra.models.assembled._DIGESTS", {})  # a new process: nothing hashed yet
     with caplog.at_level(logging.WARNING):
         assert converted.converted_copy(folder / "two.gguf") is None
     assert "the converted copy of two.gguf is damaged" in caplog.text and not copy.exists()

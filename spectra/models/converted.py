@@ -31,24 +31,15 @@ import safetensors.torch
 import torch
 import transformers
 
-from spectra.models.assembled import cache_dir, sha256_file, verified
+from spectra.models.assembled import cache_dir, sha256_file, sha256_once, verified
 
 log = logging.getLogger(__name__)
 
 RECORD = "spectra-converted.json"
-_SOURCE_SHA256: dict[tuple, str] = {}  # (path, inode, size, mtime_ns) -> sha256, hashed once per process
-
-
-def source_sha256(gguf: Path) -> str:
-    stat = gguf.stat()
-    identity = (str(gguf), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    if identity not in _SOURCE_SHA256:
-        _SOURCE_SHA256[identity] = sha256_file(gguf)
-    return _SOURCE_SHA256[identity]
 
 
 def copy_dir(gguf: Path) -> Path:
-    return cache_dir() / "converted" / f"{source_sha256(gguf)[:16]}-transformers-{transformers.__version__}"
+    return cache_dir() / "converted" / f"{sha256_once(gguf)[:16]}-transformers-{transformers.__version__}"
 
 
 def converted_copy(gguf: Path) -> Path | None:
@@ -57,7 +48,7 @@ def converted_copy(gguf: Path) -> Path | None:
     try:
         record = json.loads((folder / RECORD).read_text())
         files = record["files"]
-        intact = record["source_sha256"] == source_sha256(gguf) and all(
+        intact = record["source_sha256"] == sha256_once(gguf) and all(
             verified(folder / name, digest) for name, digest in files.items()
         )
     except FileNotFoundError:
@@ -94,7 +85,7 @@ def save_converted(gguf: Path, model: transformers.PreTrainedModel) -> Path | No
         safetensors.torch.save_model(model, str(building / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(building)
         files = {path.name: sha256_file(path) for path in sorted(building.iterdir()) if path.is_file()}
-        record = {"source": str(gguf), "source_sha256": source_sha256(gguf),
+        record = {"source": str(gguf), "source_sha256": sha256_once(gguf),
                   "transformers": transformers.__version__, "files": files}  # fmt: skip
         (building / RECORD).write_text(json.dumps(record, indent=1) + "\n")
         for path in (building, *building.iterdir()):  # mkdtemp's 0700 would hide a shared cache from other users
