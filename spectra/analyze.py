@@ -69,6 +69,7 @@ class AnalyzeConfig:
     heads: list[Any] = field(default_factory=list)  # [[layer, head], ...] for density plots; []: the strongest
     top_heads: int = 4  # rows of the report's strongest-heads table; density plots when `heads` is empty
     export: str = "none"  # none | csv: also write analysis/metrics.csv (the prototype's CSV layout)
+    figures: bool = True  # false: no PNGs (the tables, report and explorer only; a figure takes ~0.5 s to draw)
     # The capture's logger group (conf/logger/): logger=wandb logs tables, figures and the report to W&B.
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
@@ -212,7 +213,7 @@ def analyze_run(run: Path, out: Path, label: str, cfg: DictConfig) -> RunAnalysi
         write_parquet_atomic(table.to_arrow(), out / f"{name}.parquet")
     top, tokens_note = token_text(run, record, lf, windows, cfg, out)
 
-    figures = run_figures(lf, label, heads, correlations, profile, cfg, out / "figures")
+    figures = run_figures(lf, label, heads, correlations, profile, cfg, out / "figures") if cfg.figures else []
     analysis = RunAnalysis(label, run, out, record, metrics, heads, correlations, profile, figures, windows, top,
                            tokens_note, findings)  # fmt: skip
     report.write_run_report(analysis, cfg, out / "report.md")
@@ -237,9 +238,11 @@ def sweep_axes(comparison: pl.DataFrame, keys: list[str]) -> tuple[str, list[str
     return x, [k for k in keys if k != x]
 
 
-def compare_runs(analyses: list[RunAnalysis], out: Path, skip_positions: int) -> tuple[pl.DataFrame, list[Path]]:
+def compare_runs(
+    analyses: list[RunAnalysis], out: Path, skip_positions: int, figures: bool = True
+) -> tuple[pl.DataFrame, list[Path]]:
     """comparison.parquet: one row per (run, layer) with the values of the keys the user swept, per-layer means
-    (t >= skip_positions) and median partial r."""
+    (t >= skip_positions) and median partial r; and, if `figures`, a line plot per metric."""
     settings = [run_settings(a.run, a.record) for a in analyses]
     keys = swept_keys(settings, [job_overrides(a.run) for a in analyses])
     tables = []
@@ -249,13 +252,14 @@ def compare_runs(analyses: list[RunAnalysis], out: Path, skip_positions: int) ->
     comparison = pl.concat(tables, how="diagonal_relaxed").select("run", *keys, pl.exclude("run", *keys))
     out.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(comparison.to_arrow(), out / "comparison.parquet")
+    if not figures:
+        return comparison, []
     x, others = sweep_axes(comparison, keys)
-    figures = [
+    return comparison, [
         plots.sweep_lines(comparison, x, others, metric, out / "figures" / f"sweep_{metric}.png")
         for metric in SWEEP_METRICS
         if metric in comparison.columns
     ]
-    return comparison, figures
 
 
 def log_to_wandb(
@@ -335,7 +339,7 @@ def analyze(cfg: DictConfig) -> list[Path]:
         comparison = None
         if joint:
             with staging(joint) as staged:
-                comparison, figures = compare_runs(analyses, staged, cfg.skip_positions)
+                comparison, figures = compare_runs(analyses, staged, cfg.skip_positions, cfg.figures)
                 report.write_sweep_report(analyses, comparison, figures, staged / "report.md")
                 duckdb_views([view_source(a) for a in analyses], staged / VIEWS_FILE)
                 publish(staged, joint)

@@ -28,7 +28,7 @@ def analysed(tmp_path_factory) -> Path:
     result = run_spectra(tmp, "model=tiny_llama", "data=synthetic", "data.context_length=16", "data.n_samples=3",
                          "logger=none")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    result = analyze_cli(tmp, f"run_dir={tmp / 'run'}", "export=csv", "bootstrap=20")
+    result = analyze_cli(tmp, f"run_dir={tmp / 'run'}", "export=csv", "bootstrap=20", "figures=false")
     assert result.returncode == 0, result.stderr
     return tmp / "run"
 
@@ -63,6 +63,7 @@ def test_sql_errors_are_one_line(analysed, tmp_path, args, message):
 def test_rerun_removes_stale_exports(analysed, tmp_path):
     out = analysed / "analysis"
     assert (out / "metrics.csv").is_file()
+    (out / "figures").mkdir()  # the fixture's analysis drew none (figures=false)
     (out / "figures" / "density_from_an_older_run.png").write_bytes(b"")
     result = analyze_cli(tmp_path, f"run_dir={analysed}", "bootstrap=20")
     assert result.returncode == 0, result.stderr

@@ -56,7 +56,7 @@ def gemma2_run(tmp_path_factory) -> Path:
     result = run_spectra(tmp, "model=tiny_gemma2", "data=synthetic", f"data.context_length={T}", "data.n_samples=3",
                          "metrics=extended", "logger=none")  # fmt: skip
     assert result.returncode == 0, result.stderr
-    result = analyze_cli(tmp, f"run_dir={tmp / 'run'}", "bootstrap=50")
+    result = analyze_cli(tmp, f"run_dir={tmp / 'run'}", "bootstrap=50", "figures=false")  # tables only
     assert result.returncode == 0, result.stderr
     return tmp / "run"
 

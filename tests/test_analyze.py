@@ -224,6 +224,17 @@ def test_analyze_run_split_over_part_files(run, rows, tmp_path):
     assert connection.execute("SELECT count(*) FROM heads").fetchone()[0] == 24
     assert connection.execute("SELECT count(*) FROM samples").fetchone()[0] == 3
 
+    # figures=false: the same tables and report text, no PNG, and the report says why.
+    bare = tmp_path / "bare"
+    result = analyze_cli(tmp_path, f"run_dir={run}", f"output_dir={bare}", "heads=[[0,1],[2,3]]", "figures=false")
+    assert result.returncode == 0, result.stderr
+    assert "figures    none (figures=false)" in result.stdout and not list(bare.rglob("*.png"))
+    for name in ("heads", "correlations", "headline", "positions", "top_tokens"):
+        assert pl.read_parquet(bare / f"{name}.parquet").equals(pl.read_parquet(out / f"{name}.parquet")), name
+    bare_report = (bare / "report.md").read_text()
+    assert bare_report.split("## Figures")[0] == report.split("## Figures")[0].replace(str(out), str(bare))
+    assert bare_report.split("## Figures")[1].split("##")[0].strip() == "None: analysed with figures=false."
+
 
 def check_headline_and_warnings(out: Path, rows: dict[str, np.ndarray], report: str) -> None:
     """The report's answer, recomputed from correlations.parquet with numpy; its warnings for 3 samples of a

@@ -209,7 +209,7 @@ def test_sweep_is_checked_whole_then_resumes_in_place_and_folder_names_with_brac
         assert json.loads((job / "run.json").read_text())["counts"]["rows"] == 4 * ROWS_PER_SAMPLE
     assert (jobs[0] / "metrics" / "part-000000.parquet").stat().st_mtime_ns == finished_part  # skipped
 
-    analysis = spectra(tmp_path, f"run_dir={sweep}", module="spectra.analyze")
+    analysis = spectra(tmp_path, f"run_dir={sweep}", "figures=false", module="spectra.analyze")
     assert analysis.returncode == 0, analysis.stderr[-3000:]
     assert (sweep / "analysis" / "comparison.parquet").is_file() and (jobs[1] / "analysis" / "heads.parquet").is_file()
     import polars as pl
@@ -315,7 +315,7 @@ def test_damaged_samples_parquet_is_named_on_resume(tmp_path, finished):
 
 def test_analysis_names_a_damaged_part_and_analyses_a_run_named_twice_once(tmp_path, finished):
     run_dir = copy_run(finished, tmp_path / "run")
-    twice = spectra(tmp_path, f"run_dir=[{run_dir},{run_dir}]", module="spectra.analyze")
+    twice = spectra(tmp_path, f"run_dir=[{run_dir},{run_dir}]", "figures=false", module="spectra.analyze")
     assert twice.returncode == 0, twice.stderr[-3000:]
     assert "comparison" not in twice.stdout and (run_dir / "analysis" / "heads.parquet").is_file()
     assert (run_dir / "analysis" / "report.md").is_file()

@@ -205,18 +205,13 @@ def test_credential_equal_to_an_environment_secret_is_refused(tmp_path, monkeypa
 
 
 def test_real_process_exits_2_with_one_line(tmp_path):
-    """The same contract at the process level, for a command-line error and one found inside the run."""
-    cases = {
-        "cli": (overrides({"hardware": "tpu_v9"}), r"hardware: no option 'tpu_v9'"),
-        "preflight": (overrides({"data.context_length": "9000"}), r"data\.context_length: 9000 exceeds"),
-    }
-    processes = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "spectra.run", *argv, f"hydra.run.dir={tmp_path / name}"],
-            cwd=REPO, env=conftest.test_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for name, (argv, _) in cases.items()
-    }
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert_one_line_error(process.returncode, stdout, stderr, cases[name][1])
+    """The same contract at the process level: a fresh interpreter for an error found inside the run (all of
+    Spectra imported, the interpreter's own exit), and a command-line error in a forked one (conftest)."""
+    fresh = subprocess.run(
+        [sys.executable, "-m", "spectra.run", *overrides({"data.context_length": "9000"}), f"hydra.run.dir={tmp_path / 'a'}"],
+        cwd=REPO, env=conftest.test_env(tmp_path), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert_one_line_error(fresh.returncode, fresh.stdout, fresh.stderr, r"data\.context_length: 9000 exceeds")
+    forked = conftest.spectra_subprocess("spectra.run", [*overrides({"hardware": "tpu_v9"}), f"hydra.run.dir={tmp_path / 'b'}"],
+                                         conftest.test_env(tmp_path))  # fmt: skip
+    assert_one_line_error(forked.returncode, forked.stdout, forked.stderr, r"hardware: no option 'tpu_v9'")

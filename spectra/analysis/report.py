@@ -242,6 +242,8 @@ def describe_windows(windows) -> str:
 
 
 def figure_links(figures: Sequence[Path], out: Path) -> list[str]:
+    if not figures:
+        return ["None: analysed with figures=false."]
     return [f"![{path.stem}]({relative(path, out)})" for path in figures]
 
 
@@ -395,5 +397,5 @@ def console_summary(a: RunAnalysis, skip_positions: int) -> str:
         )
     for warning in run_warnings(a):
         lines.append(f"  warning: {warning.split('**')[1]}, see the report")
-    lines.append(f"  figures    {len(a.figures)} PNG in {a.out / 'figures'}")
+    lines.append(f"  figures    {len(a.figures)} PNG in {a.out / 'figures'}" if a.figures else "  figures    none (figures=false)")
     return "\n".join(lines)
