@@ -17,6 +17,7 @@ interpreter's own start (signals during imports): those start `sys.executable -m
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -35,10 +36,10 @@ MODULES = ("spectra.run", "spectra.analyze", "spectra.prepare", "spectra.sql")
 
 
 def serve() -> None:
-    import importlib
 
     for module in MODULES:
         importlib.import_module(module)
+    warm()
     statuses: dict[int, str] = {}
 
     def reap(_signum, _frame) -> None:
@@ -64,6 +65,26 @@ def serve() -> None:
         statuses[pid] = request["status"]
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
         print(pid, flush=True)
+
+
+def warm() -> None:
+    """What every child would otherwise load on its own, ~2 s of a tiny run's ~3.5 s here: pandas (pyarrow
+    imports it on first use), the test models' modeling code, and the test models' tokenizer (into
+    spectra.models.loading's per-process cache). Nothing that starts a thread: a fork copies only the thread
+    that calls it, and a thread pool (torch's OpenMP, a tokenizer's) started before the fork breaks in the child."""
+    import pandas  # noqa: F401
+    import pyarrow.compute  # noqa: F401
+    import pyarrow.pandas_compat  # noqa: F401
+    import transformers.generation.utils  # noqa: F401
+    from hydra import compose, initialize_config_dir
+
+    from spectra.config.paths import config_dir
+    from spectra.models.loading import load_tokenizer
+
+    for family in ("llama", "gemma2", "gemma3", "mistral", "qwen2", "gpt_neox"):
+        importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        load_tokenizer(compose(config_name="config", overrides=["model=tiny_llama"]).model, None)
 
 
 def child(request: dict) -> None:
