@@ -1,13 +1,26 @@
-"""Read what an offline W&B run logged, from its .wandb file, with `wandb leet inspect` (no network)."""
+"""Read what an offline W&B run logged, from its .wandb file, with `wandb leet inspect` (no network).
+
+The command that `wandb leet inspect` itself runs, wandb-core's, is called directly: the same reader and the same
+JSON, without a Python interpreter importing wandb first (1.2 s against 0.06 s here)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-WANDB = str(Path(sys.executable).parent / "wandb")
+WANDB_CORE = str(Path(importlib.util.find_spec("wandb").origin).parent / "bin" / "wandb-core")
+
+
+def inspect(path: Path, *flags: str) -> str:
+    """stdout of wandb/cli/leet.py's launch_inspect for an offline run file: its arguments, as it builds them."""
+    run_file = Path(path).resolve()
+    command = [WANDB_CORE, "leet", "inspect", "--no-observability", *flags, "--json", "--run-file", str(run_file),
+               str(run_file.parent.parent)]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def run_file(run_dir: Path) -> Path:
@@ -19,13 +32,9 @@ def run_file(run_dir: Path) -> Path:
 
 def inspect_summary(path: Path) -> dict:
     """State, name, config and latest summary of the run."""
-    out = subprocess.run([WANDB, "leet", "inspect", "--summary", "--json", str(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return json.loads(inspect(path, "--summary"))
 
 
 def inspect_records(path: Path) -> list[dict]:
     """Every record of the run's transaction log: run, history, summary, artifact, ..."""
-    out = subprocess.run([WANDB, "leet", "inspect", "--json", str(path)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+    return [json.loads(line) for line in inspect(path).splitlines() if line.strip()]
