@@ -144,8 +144,7 @@ def test_hub_config_refuses_what_it_cannot_measure(tmp_path):
 
 
 def test_a_tokenizer_is_read_once_per_process_until_its_files_change(tmp_path):
-    """A sweep's jobs in one process and a run's plan share one tokenizer object; rewritten files are read again
-    (here: a vocabulary with a token more, which the first object does not know)."""
+    """A sweep's jobs in one process and a run's plan share one tokenizer object; a rewritten file is read again."""
     from spectra.models.loading import load_tokenizer
 
     folder = tmp_path / "tokenizer"
@@ -155,9 +154,8 @@ def test_a_tokenizer_is_read_once_per_process_until_its_files_change(tmp_path):
     assert load_tokenizer(model_cfg, None) is first
     assert load_tokenizer(compose_config("model=tiny_llama").model, None) is not first  # another folder
 
-    grown = AutoTokenizer.from_pretrained(folder)
-    grown.add_tokens(["<spectra_new_token>"])
-    grown.save_pretrained(folder)
+    settings = folder / "tokenizer_config.json"
+    settings.write_text(settings.read_text().replace('"model_max_length": ', '"model_max_length": 1'))
     again = load_tokenizer(model_cfg, None)
-    assert again is not first and len(again) == len(first) + 1
-    assert again.convert_tokens_to_ids("<spectra_new_token>") == len(first)
+    assert again is not first and again.model_max_length == int(f"1{first.model_max_length}")
+    assert again("Attention sinks")["input_ids"] == first("Attention sinks")["input_ids"]
