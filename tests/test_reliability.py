@@ -411,7 +411,8 @@ def test_disk_full_and_read_only_end_in_one_line_and_the_run_resumes(tmp_path, s
 
 def test_sigterm_during_preparation_leaves_nothing_behind(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(corpus_line(n) for n in range(30000)))  # tokenizing takes several seconds
+    lines = [corpus_line(n) for n in range(1000)]  # corpus_line(n + 1000) == corpus_line(n): built once, not 30 times
+    corpus.write_text("".join(lines[n % 1000] for n in range(30000)))  # tokenizing takes several seconds
     command = [sys.executable, "-m", "spectra.prepare", "model=tiny_llama", "data=slimpajama", f"data.local_path={corpus}",
                f"data.data_dir={tmp_path / 'shards'}", f"hydra.run.dir={tmp_path / 'prep'}"]  # fmt: skip
     process = conftest.spectra_process("spectra.prepare", command[3:], conftest.test_env(tmp_path))

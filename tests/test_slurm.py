@@ -35,7 +35,11 @@ SWEEP = ["model=tiny_llama", "data=synthetic", "data.context_length=16,32", "dat
 
 def cluster_partition() -> str | None:
     """The default partition of a reachable cluster with a node up, or None."""
-    if shutil.which("sinfo") is None:
+    if shutil.which("sinfo") is None or shutil.which("scontrol") is None:
+        return None
+    # `scontrol ping` answers at once; sinfo retries a controller that is down for ~9 s before it gives up.
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    if ping.returncode != 0 or " is UP" not in ping.stdout:
         return None
     result = subprocess.run(["sinfo", "-h", "-o", "%P %t"], capture_output=True, text=True, timeout=30)
     for line in result.stdout.splitlines() if result.returncode == 0 else []:
