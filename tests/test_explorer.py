@@ -38,7 +38,8 @@ def run(tmp_path_factory) -> Path:
                                             "logger=none", f"hydra.run.dir={folder}")  # fmt: skip
     assert code == 0, stderr
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        analyze(compose(config_name="analyze", overrides=[f"run_dir={folder}", "bootstrap=50", "logger=none", "figures=false"]))
+        overrides = [f"run_dir={folder}", "bootstrap=50", "logger=none", "figures=false"]
+        analyze(compose(config_name="analyze", overrides=overrides))
     return folder
 
 

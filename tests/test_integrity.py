@@ -317,7 +317,7 @@ def test_an_interrupted_reanalysis_leaves_the_earlier_one_whole(tmp_path, finish
     from spectra import analyze as analyze_module
 
     run_dir = copy_run(finished, tmp_path / "run")
-    analyze_module.analyze(analyze_config(f"run_dir={run_dir}", "bootstrap=20", "export=csv"))
+    analyze_module.analyze(analyze_config(f"run_dir={run_dir}", "bootstrap=20", "export=csv", "figures=false"))
     earlier = files(run_dir / "analysis")
     assert "metrics.csv" in earlier and "report.md" in earlier
 

@@ -58,6 +58,7 @@ def test_readme_blocks_run_as_written(tmp_path):
     assert (tmp_path / "outputs" / "demo" / "analysis" / "report.md").is_file()
     sweep = tmp_path / "outputs" / "sweep" / "analysis"
     assert (sweep / "comparison.parquet").is_file()  # its values: test_analyze.py's two-job sweep
-    assert "figures/sweep_entropy.png" in (sweep / "report.md").read_text() and (sweep / "figures" / "sweep_entropy.png").is_file()
+    assert "figures/sweep_entropy.png" in (sweep / "report.md").read_text()
+    assert (sweep / "figures" / "sweep_entropy.png").is_file()
     # The window snippet's claim: on tiny_gemma2's sliding layer, n = min(t + 1, 16), so k_eff / n ~ 15/16 at t = 63.
     assert re.search(r"│ 0\s+┆ 0\.9[3-4]\d*", "".join(outputs)), outputs

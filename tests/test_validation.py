@@ -207,11 +207,10 @@ def test_credential_equal_to_an_environment_secret_is_refused(tmp_path, monkeypa
 def test_real_process_exits_2_with_one_line(tmp_path):
     """The same contract at the process level: a fresh interpreter for an error found inside the run (all of
     Spectra imported, the interpreter's own exit), and a command-line error in a forked one (conftest)."""
-    fresh = subprocess.run(
-        [sys.executable, "-m", "spectra.run", *overrides({"data.context_length": "9000"}), f"hydra.run.dir={tmp_path / 'a'}"],
-        cwd=REPO, env=conftest.test_env(tmp_path), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    argv = [*overrides({"data.context_length": "9000"}), f"hydra.run.dir={tmp_path / 'a'}"]
+    fresh = subprocess.run([sys.executable, "-m", "spectra.run", *argv], cwd=REPO, env=conftest.test_env(tmp_path),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert_one_line_error(fresh.returncode, fresh.stdout, fresh.stderr, r"data\.context_length: 9000 exceeds")
-    forked = conftest.spectra_subprocess("spectra.run", [*overrides({"hardware": "tpu_v9"}), f"hydra.run.dir={tmp_path / 'b'}"],
-                                         conftest.test_env(tmp_path))  # fmt: skip
+    argv = [*overrides({"hardware": "tpu_v9"}), f"hydra.run.dir={tmp_path / 'b'}"]
+    forked = conftest.spectra_subprocess("spectra.run", argv, conftest.test_env(tmp_path))
     assert_one_line_error(forked.returncode, forked.stdout, forked.stderr, r"hardware: no option 'tpu_v9'")

@@ -56,6 +56,9 @@ def publish(staged: Path, out: Path) -> None:
         for path in stale_outputs(out):
             if path not in targets:
                 path.unlink(missing_ok=True)
+        figures = out / "figures"
+        if figures.is_dir() and not any(figures.iterdir()):
+            figures.rmdir()  # a rerun with figures=false: no empty folder where the figures were
 
 
 def published(analysis: RunAnalysis, out: Path) -> RunAnalysis:

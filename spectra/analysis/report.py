@@ -397,5 +397,6 @@ def console_summary(a: RunAnalysis, skip_positions: int) -> str:
         )
     for warning in run_warnings(a):
         lines.append(f"  warning: {warning.split('**')[1]}, see the report")
-    lines.append(f"  figures    {len(a.figures)} PNG in {a.out / 'figures'}" if a.figures else "  figures    none (figures=false)")
+    figures = f"{len(a.figures)} PNG in {a.out / 'figures'}" if a.figures else "none (figures=false)"
+    lines.append(f"  figures    {figures}")
     return "\n".join(lines)
