@@ -9,7 +9,7 @@ does (non-daemon threads joined, atexit handlers run). The server reaps it and w
 which `Process.poll` reads, so a child killed by a signal reports -signum as subprocess.Popen does.
 
 What a fork cannot give falls back to a fresh interpreter: an environment that differs from the server's in a
-variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM), or a test about the
+variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM, NETRC), or a test about the
 interpreter's own start (signals during imports): those start `sys.executable -m` as before.
 
     python tests/prestarted.py            # the server: requests as JSON lines on stdin, pids on stdout
@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-CALL_TIME_VARIABLES = ("SPECTRA_", "WANDB_", "TOKENIZERS_PARALLELISM", "PYTEST_")
+CALL_TIME_VARIABLES = ("SPECTRA_", "WANDB_", "TOKENIZERS_PARALLELISM", "PYTEST_", "NETRC")  # NETRC: W&B's, at login
 MODULES = ("spectra.run", "spectra.analyze", "spectra.prepare", "spectra.sql")
 
 

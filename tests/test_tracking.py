@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import numpy as np
 import polars as pl
 import pytest
-from conftest import REPO, compose_config, run_module_inprocess
+from conftest import compose_config, run_module_inprocess, spectra_subprocess
 from conftest import (
     wandb_env as offline_env,
 )
@@ -37,12 +35,11 @@ def tracked(tmp_path_factory):
     env = offline_env(tmp)
     for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
         env.pop(name, None)
-    env.update(HOME=str(tmp / "home"), NETRC=str(tmp / "home" / ".netrc"))  # a fresh machine: no `wandb login`
+    # A fresh machine: no `wandb login` (W&B reads NETRC, else ~/.netrc, when it starts; its settings file is in
+    # test_env's WANDB_CONFIG_DIR).
+    env["NETRC"] = str(tmp / "home" / ".netrc")
     run_dir = tmp / "run"
-    result = subprocess.run(
-        [sys.executable, "-m", "spectra.run", *OVERRIDES, f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300,
-    )  # fmt: skip
+    result = spectra_subprocess("spectra.run", [*OVERRIDES, f"hydra.run.dir={run_dir}"], env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     path = run_file(run_dir)
     return {
