@@ -142,8 +142,7 @@ def child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = [request["module"], *request["argv"]]
-        # What was typed, as Spectra reads it.
-        sys.orig_argv = [sys.executable, "-m", request["module"], *request["argv"]]
+        sys.orig_argv = [sys.executable, "-m", request["module"], *request["argv"]]  # what was typed, as Spectra reads it
         import spectra  # what spectra/__init__.py does when sys.orig_argv names one of its entrypoints
         from spectra import crashpoints
 
