@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 # No hub here or in CI: fail fast instead of waiting on network time-outs, in-process as in subprocesses.
@@ -81,25 +80,12 @@ def pytest_configure(config):
     start load them instead of compiling them side by side (~16 s each on a quiet 2-core machine)."""
     if hasattr(config, "workerinput"):
         return  # a worker: the controller has compiled them
-    # The session's one prestarted server (tests/prestarted.py): its socket, and the process it ends with. In
-    # the environment, so that the xdist workers started after this hook share it.
-    folder = Path(tempfile.mkdtemp(prefix="spectra-prestarted-"))
-    os.environ.setdefault("SPECTRA_TEST_PRESTARTED", str(folder / "server"))
-    os.environ.setdefault("SPECTRA_TEST_PRESTARTED_OWNER", str(os.getpid()))
     import torch
 
     from spectra.capture.metrics import attention_metrics, k_eff_fast
 
     attention_metrics(torch.ones(1, 2, 4, 8), torch.ones(1, 1, 4, 8), 1.0)
     k_eff_fast(torch.full((2, 4), 0.25), 0.9)
-
-
-def pytest_unconfigure(config):
-    """The prestarted server's folder (its socket and log); the server itself ends once this process has."""
-    if not hasattr(config, "workerinput") and "SPECTRA_TEST_PRESTARTED" in os.environ:
-        import shutil
-
-        shutil.rmtree(Path(os.environ["SPECTRA_TEST_PRESTARTED"]).parent, ignore_errors=True)
 
 
 def test_env(tmp_path: Path, wandb: bool = False) -> dict[str, str]:
@@ -135,7 +121,7 @@ def wandb_env(tmp_path: Path) -> dict[str, str]:
     return test_env(tmp_path, wandb=True)
 
 
-_PRESTARTED: list = []  # this worker's client of the session's tests/prestarted.py server, connected on first use
+_PRESTARTED: list = []  # this worker's tests/prestarted.py server, started on first use
 
 
 def spectra_process(module: str, argv, env: dict[str, str], cwd: Path = REPO, stdin: str | None = None,
@@ -149,9 +135,9 @@ def spectra_process(module: str, argv, env: dict[str, str], cwd: Path = REPO, st
     if not fresh and not os.environ.get("SPECTRA_TEST_FRESH_PROCESSES"):
         if not _PRESTARTED:
             import atexit
+            import tempfile
 
-            address, owner = os.environ["SPECTRA_TEST_PRESTARTED"], int(os.environ["SPECTRA_TEST_PRESTARTED_OWNER"])
-            _PRESTARTED.append(Server(address, owner, test_env(Path(tempfile.gettempdir()))))
+            _PRESTARTED.append(Server(test_env(Path(tempfile.gettempdir()))))
             atexit.register(_PRESTARTED[0].close)
         if _PRESTARTED[0].forkable(env):
             return _PRESTARTED[0].start(module, argv, cwd, env, stdin, discard_stdout)

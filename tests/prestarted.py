@@ -1,19 +1,18 @@
 """`python -m spectra.<entrypoint>` as a real process, without paying a fresh interpreter's imports each time.
 
 A fresh interpreter spends ~10 s of CPU on this project's 2-core machine importing torch, transformers and Hydra
-before Spectra runs a line; the suite starts dozens of processes (signals, kills, locks, W&B, sweeps). Here one
-server process for the pytest session (its xdist workers share it over a Unix socket) imports Spectra's entrypoints
-once (and runs nothing), and each process a test asks for is forked from it: a process of its own (its pid,
-signals, exit status, file descriptors, environment and working folder) that runs the module as `python -m` does
-(runpy, `sys.argv[0]` the module's file), then ends as an interpreter does (non-daemon threads joined, atexit
-handlers run). The server reaps it and writes its wait status to a file, which `Process.poll` reads, so a child
-killed by a signal reports -signum as subprocess.Popen does.
+before Spectra runs a line; the suite starts dozens of processes (signals, kills, locks, W&B, sweeps). Here a
+server process imports Spectra's entrypoints once (and runs nothing), and each process a test asks for is forked
+from it: a process of its own (its pid, signals, exit status, file descriptors, environment and working folder)
+that runs the module as `python -m` does (runpy, `sys.argv[0]` the module's file), then ends as an interpreter
+does (non-daemon threads joined, atexit handlers run). The server reaps it and writes its wait status to a file,
+which `Process.poll` reads, so a child killed by a signal reports -signum as subprocess.Popen does.
 
 What a fork cannot give falls back to a fresh interpreter: an environment that differs from the server's in a
-variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM, NETRC), or a test
-about the interpreter's own start (signals during imports): those start `sys.executable -m` as before.
+variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM, NETRC), or a test about the
+interpreter's own start (signals during imports): those start `sys.executable -m` as before.
 
-    python tests/prestarted.py <socket> <owner pid>    # the server: requests as JSON lines, pids back
+    python tests/prestarted.py            # the server: requests as JSON lines on stdin, pids on stdout
 """
 
 from __future__ import annotations
@@ -36,13 +35,7 @@ MODULES = ("spectra.run", "spectra.analyze", "spectra.prepare", "spectra.sql")
 # ---- the server (its own interpreter) ------------------------------------------------------------------------
 
 
-def serve(address: str, owner: int) -> None:
-    """Listens on the Unix socket `address` for any number of clients (pytest-xdist's workers share one server),
-    each sending requests as JSON lines and reading back pids. The socket appears once Spectra is imported (its
-    existence means ready); the server ends when the process `owner` (pytest's controller) has ended."""
-    import selectors
-    import socket
-
+def serve() -> None:
     for module in MODULES:
         importlib.import_module(module)
     warm()
@@ -61,46 +54,16 @@ def serve(address: str, owner: int) -> None:
             os.replace(path + ".tmp", path)
 
     signal.signal(signal.SIGCHLD, reap)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(address + ".starting")
-    listener.listen()
-    os.rename(address + ".starting", address)
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    pending: dict[socket.socket, bytes] = {}  # each client's bytes up to its next newline
-    while True:
-        events = selector.select(timeout=2)
-        if not events:
-            try:
-                os.kill(owner, 0)
-            except ProcessLookupError:
-                return
-        for key, _ in events:
-            if key.fileobj is listener:
-                client, _ = listener.accept()
-                selector.register(client, selectors.EVENT_READ)
-                pending[client] = b""
-                continue
-            client = key.fileobj
-            data = client.recv(1 << 20)
-            if not data:
-                selector.unregister(client)
-                client.close()
-                del pending[client]
-                continue
-            pending[client] += data
-            while b"\n" in pending[client]:
-                line, pending[client] = pending[client].split(b"\n", 1)
-                request = json.loads(line)
-                signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # its status path is known before reap
-                pid = os.fork()
-                if pid == 0:
-                    for sock in [listener, *pending]:  # the child holds none of the server's sockets
-                        sock.close()
-                    child(request)
-                statuses[pid] = request["status"]
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-                client.sendall(f"{pid}\n".encode())
+    print("ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # the child's status path is known before reap
+        pid = os.fork()
+        if pid == 0:
+            child(request)
+        statuses[pid] = request["status"]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
+        print(pid, flush=True)
 
 
 def warm() -> None:
@@ -229,44 +192,17 @@ class Process:
 
 
 class Server:
-    """This worker's connection to the session's one server (tests/conftest.py names its socket and owner): the
-    first worker that needs it starts it, and it ends with pytest's controller."""
-
-    def __init__(self, address: str, owner: int, env: dict[str, str]):
-        import fcntl
-        import socket
-
-        with open(address + ".lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one worker starts it; the other waits for its socket
-            if not os.path.exists(address + ".pid"):
-                Path(address + ".env").write_text(json.dumps(env))
-                with open(address + ".log", "w") as log:
-                    server = subprocess.Popen([sys.executable, __file__, address, str(owner)], env=env, stdout=log,
-                                              stderr=log, stdin=subprocess.DEVNULL, cwd=Path(__file__).parent.parent,
-                                              start_new_session=True)  # fmt: skip
-                Path(address + ".pid").write_text(str(server.pid))
-            self.pid = int(Path(address + ".pid").read_text())
-            while not os.path.exists(address):
-                log = Path(address + ".log").read_text()[-3000:]
-                assert self.alive(), f"the prestarted server did not start: {log}"
-                time.sleep(0.05)
-        self.env = json.loads(Path(address + ".env").read_text())
-        self.socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.socket.connect(address)
-        self.replies = self.socket.makefile("r")
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        env=env, text=True, cwd=Path(__file__).parent.parent)  # fmt: skip
         self.lock = threading.Lock()
         self.folder = tempfile.mkdtemp(prefix="spectra-prestarted-")  # each child's pipes and status file
-
-    def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+        assert self.process.stdout.readline().strip() == "ready", "the prestarted server did not start"
 
     def forkable(self, env: dict[str, str]) -> bool:
         changed = {name for name in env.keys() | self.env.keys() if env.get(name) != self.env.get(name)}
-        return self.alive() and all(name.startswith(CALL_TIME_VARIABLES) for name in changed)
+        return self.process.poll() is None and all(name.startswith(CALL_TIME_VARIABLES) for name in changed)
 
     def start(self, module: str, argv, cwd, env: dict[str, str], stdin: str | None = None,
               discard_stdout: bool = False) -> Process:
@@ -279,8 +215,9 @@ class Server:
         if discard_stdout:
             request["stdout"] = os.devnull
         with self.lock:
-            self.socket.sendall((json.dumps(request) + "\n").encode())
-            pid = int(self.replies.readline())
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            pid = int(self.process.stdout.readline())
         process = Process(pid, folder, discard_stdout)
         process.args = [sys.executable, "-m", module, *argv]
         return process
@@ -288,10 +225,10 @@ class Server:
     def close(self) -> None:
         import shutil
 
-        self.replies.close()
-        self.socket.close()
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], int(sys.argv[2]))
+    serve()
