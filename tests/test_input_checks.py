@@ -169,6 +169,7 @@ def analyze_inprocess(*argv: str) -> tuple[int, str, str]:
         (["run_dir=x", "seed=-1"], "seed: must be in 0 .. 2**63 - 1"),
         (["run_dir=x", "bootstrap=many"], "bootstrap: Value 'many' of type 'str' could not be converted to Integer"),
         (["run_dir=x", "logger=nope"], "logger: no option 'nope'; choose one of none, wandb"),
+        (["run_dir=x", "figures=maybe"], "figures: Value 'maybe' is not a valid bool (type str)"),
     ],
 )
 def test_analyze_command_line_mistakes_are_one_line_exit_2(argv, message):
