@@ -69,7 +69,7 @@ class AnalyzeConfig:
     heads: list[Any] = field(default_factory=list)  # [[layer, head], ...] for density plots; []: the strongest
     top_heads: int = 4  # rows of the report's strongest-heads table; density plots when `heads` is empty
     export: str = "none"  # none | csv: also write analysis/metrics.csv (the prototype's CSV layout)
-    figures: bool = True  # false: no PNGs (the tables, report and explorer only; a figure takes ~0.5 s to draw)
+    figures: bool = True  # false: no PNGs, the tables, report and explorer only (drawing is most of a small run's)
     # The capture's logger group (conf/logger/): logger=wandb logs tables, figures and the report to W&B.
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
