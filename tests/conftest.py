@@ -206,22 +206,6 @@ def gemma3():
     return load_weights(cfg.model, cfg.hardware)
 
 
-@pytest.fixture(scope="session")
-def smollm2_two_blocks(tmp_path_factory) -> tuple[Path, Path]:
-    """(the real SmolLM2 GGUF, its first two blocks) as `python scripts/gguf_layers.py <in> <out> 2` writes them:
-    real Q4_1 and Q8_0 tensors and the real 49,152-token vocabulary in a model that loads in seconds."""
-    from spectra.models.loading import package_dir
-
-    model = compose_config("model=smollm2_135m").model  # the embedded default's package and file
-    source = package_dir(model.package) / model.gguf_file
-    target = tmp_path_factory.mktemp("gguf") / "two.gguf"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "gguf_layers.py"), str(source), str(target), "2"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"gguf_layers: {target}: first 2 blocks, 20 tensors, "), result.stdout
-    return source, target
-
-
 def run_module_inprocess(
     module: str, *argv: str, cwd: Path | None = None, env: dict[str, str] | None = None, stdin: str | None = None
 ) -> subprocess.CompletedProcess:

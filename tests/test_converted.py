@@ -1,11 +1,14 @@
 """spectra/models/converted.py: a GGUF model's converted copy loads the model transformers builds from the GGUF
-itself, bit for bit (weights, config, tokenizer, captured metrics); a damaged copy is set aside and made again; a
-cache that refuses writes changes nothing but the speed. On the first two blocks of the real SmolLM2 GGUF (real
-Q4_1 and Q8_0 tensors, the real 49,152-token vocabulary), cut by scripts/gguf_layers.py (conftest), whose output is
-checked here too: one file, so that one worker cuts and parses it."""
+itself, bit for bit (weights, config, tokenizer, captured metrics), and the file is parsed once to make it; a damaged
+copy is set aside and made again; a cache that refuses writes changes nothing but the speed. On the first two blocks
+of the real SmolLM2 GGUF (real Q4_1 and Q8_0 tensors, the real 49,152-token vocabulary), cut by
+scripts/gguf_layers.py, whose output is checked here too: each parse of that vocabulary takes seconds, so the
+parses are shared between the tests."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -21,7 +24,7 @@ from conftest import REPO, compose_config
 
 from spectra.capture.hook import AttentionCapture
 from spectra.models import converted
-from spectra.models.loading import load_model
+from spectra.models.loading import load_model, package_dir
 
 sys.path.insert(0, str(REPO / "scripts"))
 import gguf_layers  # noqa: E402
@@ -29,10 +32,43 @@ import gguf_layers  # noqa: E402
 TEXT = "<|im_start|>user\nAttention sinks, délimiteurs and the lazy dog 42.<|im_end|>"
 
 
+@contextlib.contextmanager
+def recorded_parses(monkeypatch):
+    """Every GGUF file parsed in this block, as (path, reader)."""
+    parses = []
+    parse = gguf.GGUFReader
+
+    def recorded(path, mode="r"):
+        parses.append((str(path), parse(path, mode)))
+        return parses[-1][1]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gguf, "GGUFReader", recorded)
+        yield parses
+
+
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory, smollm2_two_blocks):
-    """(GGUF folder, converted-copy root, the model and tokenizer loaded from the GGUF, the same from its copy)."""
-    folder, cache = smollm2_two_blocks[1].parent, tmp_path_factory.mktemp("cache")
+def two_blocks(tmp_path_factory):
+    """(the real SmolLM2 GGUF, its first two blocks as `python scripts/gguf_layers.py <in> <out> 2` writes them, the
+    full file as the script parsed it)."""
+    model = compose_config("model=smollm2_135m").model  # the embedded default's package and file
+    source = package_dir(model.package) / model.gguf_file
+    target = tmp_path_factory.mktemp("gguf") / "two.gguf"
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, recorded_parses(monkeypatch) as parses:
+        with contextlib.redirect_stdout(printed):
+            gguf_layers.main([str(source), str(target), "2"])
+    assert printed.getvalue().startswith(f"gguf_layers: {target}: first 2 blocks, 20 tensors, "), printed.getvalue()
+    ((parsed, full),) = parses
+    assert parsed == str(source)
+    return source, target, full
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory, two_blocks):
+    """(GGUF folder, converted-copy root, the model and tokenizer loaded from the GGUF, the same from its copy, the
+    two-block file as the loads parsed it)."""
+    folder, cache = two_blocks[1].parent, tmp_path_factory.mktemp("cache")
     cfg = compose_config("model=smollm2_135m", f"model.path={folder}", "model.package=null", "model.gguf_file=two.gguf")
     loads = []
     from_pretrained = transformers.AutoModelForCausalLM.from_pretrained
@@ -41,16 +77,20 @@ def loaded(tmp_path_factory, smollm2_two_blocks):
         loads.append((location, options))
         return from_pretrained(location, **options)
 
-    with pytest.MonkeyPatch.context() as monkeypatch:
+    with pytest.MonkeyPatch.context() as monkeypatch, recorded_parses(monkeypatch) as parses:
         monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recorded)
         from_gguf = load_model(cfg.model, cfg.hardware)  # transformers reads the GGUF; the copy is kept
         assert [options.get("gguf_file") for _, options in loads] == ["two.gguf"]
+        # Read for the config, the weights and the copy's tokenizer: one parse serves all three.
+        assert [path for path, _ in parses] == [str(two_blocks[1])]
+        assert not converted._PARSED  # the copy replaces the file: its parse is not kept
         from_copy = load_model(cfg.model, cfg.hardware)
+        assert len(parses) == 1
     root = cache / "spectra" / "models" / "converted"
     (copy,) = root.iterdir()
     assert loads[-1][0] == str(copy) and "gguf_file" not in loads[-1][1]
-    return folder, root, from_gguf, from_copy
+    return folder, root, from_gguf, from_copy, parses[0][1]
 
 
 def captured(model, tokenizer):
@@ -60,7 +100,7 @@ def captured(model, tokenizer):
 
 
 def test_the_converted_copy_is_the_gguf_model_bit_for_bit(loaded):
-    folder, root, (reference, reference_tokenizer), (model, tokenizer) = loaded
+    folder, root, (reference, reference_tokenizer), (model, tokenizer), _ = loaded
     (copy,) = root.iterdir()
     record = json.loads((copy / converted.RECORD).read_text())
     assert record["source_sha256"] == converted.sha256_file(folder / "two.gguf")
@@ -88,7 +128,7 @@ def test_the_converted_copy_is_the_gguf_model_bit_for_bit(loaded):
 
 
 def test_a_damaged_copy_is_set_aside(loaded, monkeypatch, caplog, tmp_path):
-    folder, root, _, _ = loaded
+    folder, root, _, _, _ = loaded
     damaged = tmp_path / "cache" / "spectra" / "models" / "converted"
     shutil.copytree(root, damaged)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -107,7 +147,7 @@ def test_a_damaged_copy_is_set_aside(loaded, monkeypatch, caplog, tmp_path):
 
 
 def test_a_cache_that_refuses_writes_or_other_dtypes_keep_no_copy(loaded, monkeypatch, caplog, tmp_path):
-    folder, _, (model, _), _ = loaded
+    folder, _, (model, _), _, _ = loaded
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
     def refuse(**_):
@@ -125,18 +165,12 @@ def test_a_cache_that_refuses_writes_or_other_dtypes_keep_no_copy(loaded, monkey
 
 # ---- scripts/gguf_layers.py: the first N blocks, every kept tensor and all metadata but the block count byte for
 # byte. (That layers 0..N-1 then compute exactly what the full model's do was checked once with transformers; here
-# the file itself is checked, which is what that rests on.) The script runs as a command once (conftest's
-# smollm2_two_blocks); its refusals are called in this process on the file parsed once, as each parse of the
-# 49,152-token vocabulary takes seconds.
+# the file itself is checked, which is what that rests on.) The script's main runs in this process, and its
+# refusals are called on the file it parsed.
 
 
-@pytest.fixture(scope="module")
-def full(smollm2_two_blocks):
-    return gguf.GGUFReader(smollm2_two_blocks[0])
-
-
-def test_first_two_blocks_keep_everything_else(smollm2_two_blocks, full):
-    part = gguf.GGUFReader(smollm2_two_blocks[1])
+def test_first_two_blocks_keep_everything_else(two_blocks, loaded):
+    full, part = two_blocks[2], loaded[4]  # the written file as transformers parsed it
     assert part.get_field("llama.block_count").contents() == 2
     expected = [t.name for t in full.tensors if not t.name.startswith("blk.") or int(t.name.split(".")[1]) < 2]
     assert [t.name for t in part.tensors] == expected
@@ -155,16 +189,16 @@ def test_first_two_blocks_keep_everything_else(smollm2_two_blocks, full):
 
 
 @pytest.mark.parametrize("layers", ["0", "31", "-1"])
-def test_block_count_out_of_range_is_one_line(smollm2_two_blocks, full, tmp_path, monkeypatch, layers):
-    monkeypatch.setattr(gguf_layers.gguf, "GGUFReader", lambda path: full)  # the file parsed once, above
+def test_block_count_out_of_range_is_one_line(two_blocks, tmp_path, monkeypatch, layers):
+    monkeypatch.setattr(gguf_layers.gguf, "GGUFReader", lambda path: two_blocks[2])  # the file parsed once, above
     target = tmp_path / "x.gguf"
     with pytest.raises(SystemExit) as refused:
-        gguf_layers.main([str(smollm2_two_blocks[0]), str(target), layers])
+        gguf_layers.main([str(two_blocks[0]), str(target), layers])
     assert refused.value.code == f"gguf_layers: error: the model has 30 blocks; N must be in 1..30, got {layers}"
     assert not target.exists()
 
 
-def test_target_must_differ_from_source(smollm2_two_blocks, capsys):
+def test_target_must_differ_from_source(two_blocks, capsys):
     with pytest.raises(SystemExit) as refused:
-        gguf_layers.main([str(smollm2_two_blocks[0]), str(smollm2_two_blocks[0]), "2"])
+        gguf_layers.main([str(two_blocks[0]), str(two_blocks[0]), "2"])
     assert refused.value.code == 2 and "error: target must differ from source" in capsys.readouterr().err

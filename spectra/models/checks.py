@@ -21,6 +21,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from spectra.errors import ConfigError, SpectraError
+from spectra.models.converted import parsed_once
 from spectra.models.loading import config_shape, gguf_source, hub_options, model_location, resolve_device
 
 # Shape fields every attention model declares; each must be a whole number >= 1 (config_shape divides by heads).
@@ -144,7 +145,8 @@ def load_model_config(model_cfg: DictConfig) -> tuple[PretrainedConfig, str | No
     elif Path(location).is_dir():
         check_checkpoint_files(Path(location), model_cfg)
     try:
-        return AutoConfig.from_pretrained(read_from, **options), location
+        with parsed_once():
+            return AutoConfig.from_pretrained(read_from, **options), location
     except UNREADABLE as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
         if Path(location).is_dir():  # a local file is damaged or incomplete: the hub has nothing to do with it

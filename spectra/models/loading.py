@@ -30,7 +30,7 @@ from transformers import (
 from spectra.errors import ConfigError, SpectraError
 from spectra.hub import hub_reachable
 from spectra.models.assembled import assembled_file
-from spectra.models.converted import converted_copy, save_converted
+from spectra.models.converted import converted_copy, parsed_once, save_converted
 
 TORCH_DTYPES = {
     "float32": torch.float32,
@@ -139,7 +139,8 @@ def load_weights(
         if any(Path(location).glob("*.safetensors")):
             options["use_safetensors"] = True  # a pickled .bin next to the safetensors is never unpickled
         try:
-            model = AutoModelForCausalLM.from_pretrained(location, **options)
+            with parsed_once():  # a GGUF file is parsed once for its config, tokenizer and weights
+                model = AutoModelForCausalLM.from_pretrained(location, **options)
         except (OSError, RuntimeError, ValueError, EOFError, struct.error, pickle.UnpicklingError) as error:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
             if isinstance(error, pickle.UnpicklingError):  # torch's own text advises weights_only=False: never
@@ -175,7 +176,8 @@ def load_tokenizer(model_cfg: DictConfig, model_location_: str | None):
     key = (location, repr(sorted(options.items())), files_state(location))
     if key not in _TOKENIZERS:
         try:
-            _TOKENIZERS[key] = AutoTokenizer.from_pretrained(location, **options)
+            with parsed_once():
+                _TOKENIZERS[key] = AutoTokenizer.from_pretrained(location, **options)
         except OSError as error:
             raise SpectraError(f"cannot load tokenizer '{location}': {str(error).splitlines()[0]}") from None
     return _TOKENIZERS[key]
