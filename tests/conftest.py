@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 # No hub here or in CI: fail fast instead of waiting on network time-outs, in-process as in subprocesses.
@@ -139,8 +140,12 @@ def spectra_process(module: str, argv, env: dict[str, str], cwd: Path = REPO, st
 
             _PRESTARTED.append(Server(test_env(Path(tempfile.gettempdir()))))
             atexit.register(_PRESTARTED[0].close)
-        if _PRESTARTED[0].forkable(env):
+        differences = _PRESTARTED[0].import_time_differences(env)
+        if _PRESTARTED[0].process.poll() is None and not differences:
             return _PRESTARTED[0].start(module, argv, cwd, env, stdin, discard_stdout)
+        # A fresh interpreter costs ~10 s of CPU more: no test asks for one this way now, so say why it happened.
+        warnings.warn(f"python -m {module} starts a fresh interpreter: {differences or 'the fork server ended'} "
+                      "differ from the fork server's environment (tests/prestarted.py)")  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd, env=env, text=True,
                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL if discard_stdout else subprocess.PIPE)  # fmt: skip
