@@ -76,17 +76,26 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """Compile the CPU kernels once, before any worker or test starts: numba caches them on disk
-    (spectra/capture/cpu_kernels.py, cache=True), so the xdist workers and every `python -m spectra.run` the tests
-    start load them instead of compiling them side by side (~16 s each on a quiet 2-core machine)."""
-    if hasattr(config, "workerinput"):
-        return  # a worker: the controller has compiled them
-    import torch
+    """The xdist controller compiles the CPU kernels once, before any worker or test starts: numba caches them on
+    disk (spectra/capture/cpu_kernels.py, cache=True), so the workers and every `python -m spectra.run` the tests
+    start load them instead of compiling them side by side (~16 s each on a quiet 2-core machine). Each process
+    that runs tests (a worker, or pytest without xdist) forks its tests/prestarted.py server now, before it has
+    started a thread or run a test."""
+    controller = getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+    if not controller and not os.environ.get("SPECTRA_TEST_FRESH_PROCESSES"):
+        import atexit
 
-    from spectra.capture.metrics import attention_metrics, k_eff_fast
+        from prestarted import Server
 
-    attention_metrics(torch.ones(1, 2, 4, 8), torch.ones(1, 1, 4, 8), 1.0)
-    k_eff_fast(torch.full((2, 4), 0.25), 0.9)
+        _PRESTARTED.append(Server())  # first: the kernels below start thread pools, which a fork must not copy
+        atexit.register(_PRESTARTED[0].close)
+    if not hasattr(config, "workerinput"):  # the controller, or pytest without xdist
+        import torch
+
+        from spectra.capture.metrics import attention_metrics, k_eff_fast
+
+        attention_metrics(torch.ones(1, 2, 4, 8), torch.ones(1, 1, 4, 8), 1.0)
+        k_eff_fast(torch.full((2, 4), 0.25), 0.9)
 
 
 def test_env(tmp_path: Path, wandb: bool = False) -> dict[str, str]:
@@ -122,7 +131,7 @@ def wandb_env(tmp_path: Path) -> dict[str, str]:
     return test_env(tmp_path, wandb=True)
 
 
-_PRESTARTED: list = []  # this worker's tests/prestarted.py server, started on first use
+_PRESTARTED: list = []  # this process's tests/prestarted.py server (pytest_configure), unless fresh processes
 
 
 def spectra_process(module: str, argv, env: dict[str, str], cwd: Path = REPO, stdin: str | None = None,
@@ -131,17 +140,9 @@ def spectra_process(module: str, argv, env: dict[str, str], cwd: Path = REPO, st
     forked from an interpreter that has imported Spectra already (tests/prestarted.py: ~10 s of CPU less each),
     or a fresh interpreter where a fork cannot stand in for one (`fresh`, an import-time variable in env, or
     SPECTRA_TEST_FRESH_PROCESSES=1 for the whole suite)."""
-    from prestarted import Server
-
-    if not fresh and not os.environ.get("SPECTRA_TEST_FRESH_PROCESSES"):
-        if not _PRESTARTED:
-            import atexit
-            import tempfile
-
-            _PRESTARTED.append(Server(test_env(Path(tempfile.gettempdir()))))
-            atexit.register(_PRESTARTED[0].close)
+    if not fresh and _PRESTARTED:
         differences = _PRESTARTED[0].import_time_differences(env)
-        if _PRESTARTED[0].process.poll() is None and not differences:
+        if _PRESTARTED[0].alive() and not differences:
             return _PRESTARTED[0].start(module, argv, cwd, env, stdin, discard_stdout)
         # A fresh interpreter costs ~10 s of CPU more: no test asks for one this way now, so say why it happened.
         warnings.warn(f"python -m {module} starts a fresh interpreter: {differences or 'the fork server ended'} "

@@ -1,18 +1,21 @@
 """`python -m spectra.<entrypoint>` as a real process, without paying a fresh interpreter's imports each time.
 
 A fresh interpreter spends ~10 s of CPU on this project's 2-core machine importing torch, transformers and Hydra
-before Spectra runs a line; the suite starts dozens of processes (signals, kills, locks, W&B, sweeps). Here a
-server process imports Spectra's entrypoints once (and runs nothing), and each process a test asks for is forked
-from it: a process of its own (its pid, signals, exit status, file descriptors, environment and working folder)
-that runs the module as `python -m` does (runpy, `sys.argv[0]` the module's file), then ends as an interpreter
-does (non-daemon threads joined, atexit handlers run). The server reaps it and writes its wait status to a file,
-which `Process.poll` reads, so a child killed by a signal reports -signum as subprocess.Popen does.
+before Spectra runs a line; the suite starts dozens of processes (signals, kills, locks, W&B, sweeps). Here each test
+process (an xdist worker), as it starts, imports Spectra's entrypoints and forks a server that runs nothing; each
+process a test asks for is forked from that server: a process of its own (its pid, signals, exit status, file
+descriptors, environment and working folder) that runs the module as `python -m` does (runpy, `sys.argv[0]` the
+module's file), then ends as an interpreter does (non-daemon threads joined, atexit handlers run). The server reaps
+it and writes its wait status to a file, which `Process.poll` reads, so a child killed by a signal reports -signum
+as subprocess.Popen does. The imports are paid once per worker, which needs them for its own tests anyway.
+
+The server is forked in pytest_configure (conftest), before pytest has started a thread, run a test or caught a
+log record or warning; it then drops what it inherited of pytest (its file descriptors, its import hook, execnet's
+exit handler, faulthandler), so that what it forks starts as a fresh interpreter would.
 
 What a fork cannot give falls back to a fresh interpreter: an environment that differs from the server's in a
 variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM, NETRC), or a test about the
 interpreter's own start (signals during imports): those start `sys.executable -m` as before.
-
-    python tests/prestarted.py            # the server: requests as JSON lines on stdin, pids on stdout
 """
 
 from __future__ import annotations
@@ -37,13 +40,10 @@ SELF_SET_VARIABLES = ("_RJEM_MALLOC_CONF", "TORCHINDUCTOR_CACHE_DIR", "_TORCHIND
 MODULES = ("spectra.run", "spectra.analyze", "spectra.prepare", "spectra.sql")
 
 
-# ---- the server (its own interpreter) ------------------------------------------------------------------------
+# ---- the server (forked from the test process) ------------------------------------------------------------
 
 
-def serve() -> None:
-    for module in MODULES:
-        importlib.import_module(module)
-    warm()
+def serve(requests, replies) -> None:
     statuses: dict[int, str] = {}
 
     def reap(_signum, _frame) -> None:
@@ -59,16 +59,39 @@ def serve() -> None:
             os.replace(path + ".tmp", path)
 
     signal.signal(signal.SIGCHLD, reap)
-    print("ready", flush=True)
-    for line in sys.stdin:
+    for line in requests:
         request = json.loads(line)
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # the child's status path is known before reap
         pid = os.fork()
         if pid == 0:
+            requests.close()
+            replies.close()
             child(request)
         statuses[pid] = request["status"]
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGCHLD])
-        print(pid, flush=True)
+        replies.write(f"{pid}\n")
+        replies.flush()
+
+
+def leave_the_test_process(inherited_fds: set[int]) -> None:
+    """In the forked server: drop what pytest (and xdist's execnet) set up in the process it was forked from."""
+    import atexit
+    import faulthandler
+
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    for fd in inherited_fds - {0, 1, 2}:  # execnet's pipes to the pytest controller, pytest's capture files
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    sys.stdin, sys.stdout, sys.stderr = (open(fd, mode, closefd=False) for fd, mode in ((0, "r"), (1, "w"), (2, "w")))
+    faulthandler.disable()
+    sys.meta_path[:] = [finder for finder in sys.meta_path if not type(finder).__module__.startswith("_pytest")]
+    execnet = sys.modules.get("execnet")
+    if execnet is not None:
+        atexit.unregister(execnet.default_group._cleanup_atexit)
 
 
 def warm() -> None:
@@ -197,13 +220,36 @@ class Process:
 
 
 class Server:
-    def __init__(self, env: dict[str, str]):
-        self.env = env
-        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        env=env, text=True, cwd=Path(__file__).parent.parent)  # fmt: skip
+    """This process's server: forked from it once it has imported Spectra (`start`, before any thread starts)."""
+
+    def __init__(self):
+        self.env = dict(os.environ)  # what the server imported with
+        inherited = {int(fd) for fd in os.listdir("/proc/self/fd")}
+        for module in MODULES:
+            importlib.import_module(module)
+        warm()
+        requests_read, requests_write = os.pipe()
+        replies_read, replies_write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(requests_write)
+                os.close(replies_read)
+                leave_the_test_process(inherited - {requests_read, replies_write})  # listdir's fd may be reused
+                serve(os.fdopen(requests_read), os.fdopen(replies_write, "w"))
+            finally:
+                os._exit(0)
+        os.close(requests_read)
+        os.close(replies_write)
+        self.requests, self.replies = os.fdopen(requests_write, "w"), os.fdopen(replies_read)
         self.lock = threading.Lock()
         self.folder = tempfile.mkdtemp(prefix="spectra-prestarted-")  # each child's pipes and status file
-        assert self.process.stdout.readline().strip() == "ready", "the prestarted server did not start"
+
+    def alive(self) -> bool:
+        try:
+            return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:  # reaped by an earlier call
+            return False
 
     def import_time_differences(self, env: dict[str, str]) -> list[str]:
         """The variables in which env differs from the server's that a process may read as it starts."""
@@ -221,9 +267,9 @@ class Server:
         if discard_stdout:
             request["stdout"] = os.devnull
         with self.lock:
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            pid = int(self.process.stdout.readline())
+            self.requests.write(json.dumps(request) + "\n")
+            self.requests.flush()
+            pid = int(self.replies.readline())
         process = Process(pid, folder, discard_stdout)
         process.args = [sys.executable, "-m", module, *argv]
         return process
@@ -231,10 +277,6 @@ class Server:
     def close(self) -> None:
         import shutil
 
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
+        self.requests.close()  # the server's loop ends
+        os.waitpid(self.pid, 0)
         shutil.rmtree(self.folder, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    serve()
