@@ -145,8 +145,8 @@ def spectra_process(module: str, argv, env: dict[str, str], cwd: Path = REPO, st
         if _PRESTARTED[0].alive() and not differences:
             return _PRESTARTED[0].start(module, argv, cwd, env, stdin, discard_stdout)
         # A fresh interpreter costs ~10 s of CPU more: no test asks for one this way now, so say why it happened.
-        warnings.warn(f"python -m {module} starts a fresh interpreter: {differences or 'the fork server ended'} "
-                      "differ from the fork server's environment (tests/prestarted.py)")  # fmt: skip
+        why = f"{differences} differ from the fork server's environment" if differences else "the fork server ended"
+        warnings.warn(f"python -m {module} starts a fresh interpreter: {why} (tests/prestarted.py)")
     return subprocess.Popen([sys.executable, "-m", module, *argv], cwd=cwd, env=env, text=True,
                             stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL if discard_stdout else subprocess.PIPE)  # fmt: skip

@@ -14,8 +14,8 @@ log record or warning; it then drops what it inherited of pytest (its file descr
 exit handler, faulthandler), so that what it forks starts as a fresh interpreter would.
 
 What a fork cannot give falls back to a fresh interpreter: an environment that differs from the server's in a
-variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM, NETRC), or a test about the
-interpreter's own start (signals during imports): those start `sys.executable -m` as before.
+variable read at import time (anything but SPECTRA_*, WANDB_*, PYTEST_*, TOKENIZERS_PARALLELISM, NETRC), or a test
+about the interpreter's own start (signals during imports): those start `sys.executable -m` as before.
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ class Process:
 
 
 class Server:
-    """This process's server: forked from it once it has imported Spectra (`start`, before any thread starts)."""
+    """This process's server, forked from it here once it has imported Spectra: call before any thread starts."""
 
     def __init__(self):
         self.env = dict(os.environ)  # what the server imported with
@@ -278,5 +278,6 @@ class Server:
         import shutil
 
         self.requests.close()  # the server's loop ends
-        os.waitpid(self.pid, 0)
+        if self.alive():
+            os.waitpid(self.pid, 0)
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -33,7 +33,7 @@ TEXT = "<|im_start|>user\nAttention sinks, délimiteurs and the lazy dog 42.<|im
 
 
 @contextlib.contextmanager
-def recorded_parses(monkeypatch):
+def recorded_parses():
     """Every GGUF file parsed in this block, as (path, reader)."""
     parses = []
     parse = gguf.GGUFReader
@@ -42,7 +42,7 @@ def recorded_parses(monkeypatch):
         parses.append((str(path), parse(path, mode)))
         return parses[-1][1]
 
-    with monkeypatch.context() as patched:
+    with pytest.MonkeyPatch.context() as patched:
         patched.setattr(gguf, "GGUFReader", recorded)
         yield parses
 
@@ -55,9 +55,8 @@ def two_blocks(tmp_path_factory):
     source = package_dir(model.package) / model.gguf_file
     target = tmp_path_factory.mktemp("gguf") / "two.gguf"
     printed = io.StringIO()
-    with pytest.MonkeyPatch.context() as monkeypatch, recorded_parses(monkeypatch) as parses:
-        with contextlib.redirect_stdout(printed):
-            gguf_layers.main([str(source), str(target), "2"])
+    with recorded_parses() as parses, contextlib.redirect_stdout(printed):
+        gguf_layers.main([str(source), str(target), "2"])
     assert printed.getvalue().startswith(f"gguf_layers: {target}: first 2 blocks, 20 tensors, "), printed.getvalue()
     ((parsed, full),) = parses
     assert parsed == str(source)
@@ -77,7 +76,7 @@ def loaded(tmp_path_factory, two_blocks):
         loads.append((location, options))
         return from_pretrained(location, **options)
 
-    with pytest.MonkeyPatch.context() as monkeypatch, recorded_parses(monkeypatch) as parses:
+    with pytest.MonkeyPatch.context() as monkeypatch, recorded_parses() as parses:
         monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
         monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", recorded)
         from_gguf = load_model(cfg.model, cfg.hardware)  # transformers reads the GGUF; the copy is kept

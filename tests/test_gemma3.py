@@ -43,7 +43,8 @@ def measured(gemma3, input_ids):
         for layer in gemma3.model.layers
         for name in ("q_norm", "q_proj")
     ]
-    hooks.append(gemma3.model.register_forward_hook(lambda _m, _i, out: queries["decoder"].append(out.last_hidden_state)))
+    decoder = gemma3.model.register_forward_hook(lambda _m, _i, out: queries["decoder"].append(out.last_hidden_state))
+    hooks.append(decoder)
     try:
         with AttentionCapture(gemma3, k_eff_threshold=THRESHOLD, extended=True) as capture:
             got = capture.run(input_ids)
